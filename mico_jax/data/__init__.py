@@ -1,0 +1,64 @@
+"""Datasets as plain arrays: the MICO pool of a task, plus its embedded default.
+
+Every loader returns a `Dataset`: the whole pool that MICO draws challenges from
+(for CIFAR-10 and SST-2, train and test concatenated), as numpy arrays.
+"""
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+Kind = Literal["image", "tabular", "text"]
+
+
+class DataError(ValueError):
+  """A data file or array is missing or malformed; the message says where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A pool of labelled examples.
+
+  Attributes:
+    name: short name, e.g. "digits", "cifar10".
+    x: features, `[N, ...]`: float32 images `NHWC`, float32 tabular rows, or
+      int32 token ids `[N, L]` (0 = padding) for text.
+    y: int32 labels `[N]`, in `[0, num_classes)`.
+    num_classes: number of classes.
+    kind: "image", "tabular" or "text"; decides models and query augmentations.
+    hflip: whether a horizontal flip preserves labels (natural images).
+  """
+
+  name: str
+  x: np.ndarray
+  y: np.ndarray
+  num_classes: int
+  kind: Kind
+  hflip: bool = False
+
+  def __post_init__(self):
+    if len(self.x) != len(self.y):
+      raise DataError(
+          f"{self.name}: {len(self.x)} examples but {len(self.y)} labels")
+    if len(self.y) and (self.y.min() < 0 or self.y.max() >= self.num_classes):
+      raise DataError(
+          f"{self.name}: labels must lie in [0, {self.num_classes}), got"
+          f" [{self.y.min()}, {self.y.max()}]")
+    if self.kind not in ("image", "tabular", "text"):
+      raise DataError(f"{self.name}: unknown kind {self.kind!r}")
+
+  def __len__(self) -> int:
+    return len(self.y)
+
+
+def load_digits() -> Dataset:
+  """scikit-learn's bundled 8x8 handwritten digits: 1,797 images, 10 classes.
+
+  Ships inside scikit-learn, so the main job runs with no download. Pixels are
+  scaled from [0, 16] to [0, 1]; images are `[N, 8, 8, 1]`.
+  """
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  x = (digits.images / 16.0).astype(np.float32)[..., None]
+  return Dataset("digits", x, digits.target.astype(np.int32), 10, "image")
