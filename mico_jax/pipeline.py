@@ -1,0 +1,104 @@
+"""One scenario end to end: challenge -> K models -> statistics -> attack scores.
+
+The main job (`experiments/run.py`) adds flags and files around these steps;
+benchmarks and tests call them directly.
+"""
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from mico_jax import attacks as attacks_lib
+from mico_jax import challenge as challenge_lib
+from mico_jax import scoring, stats, train
+from mico_jax.data import Dataset
+from mico_jax.tasks import Task
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioResult:
+  """Everything a scenario produced, as host arrays."""
+
+  challenge: challenge_lib.Challenge
+  params: object  # stacked parameters, leading axis K
+  stats: stats.Stats
+  scores_KxC: dict[str, np.ndarray]  # attack -> raw scores of challenge points
+  metrics: dict[str, dict[str, float]]  # attack -> MICO metrics
+
+  def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
+    """Per-model accuracy on its training and its evaluation points."""
+    correct = self.stats.correct_KxN
+    keep, evaluation = self.challenge.keep_KxN, self.challenge.eval_mask_KxN
+    return ((correct * keep).sum(1) / keep.sum(1),
+            (correct * evaluation).sum(1) / evaluation.sum(1))
+
+
+def make_trainer(model, config: train.TrainConfig, len_training: int
+                ) -> train.Trainer:
+  """The trainer for one recipe."""
+  sampler = train.EpochShuffle(len_training, config.batch_size)
+  return train.Trainer(
+      model, train.make_optimizer(config, sampler.steps_per_epoch), sampler)
+
+
+def train_models(model, config: train.TrainConfig, dataset: Dataset,
+                 challenge: challenge_lib.Challenge, log: Log | None = print):
+  """Trains every model of the challenge together; returns stacked params."""
+  trainer = make_trainer(model, config, challenge.train_KxT.shape[1])
+  state = trainer.init(train.model_keys(challenge.seeds_Kx3),
+                       jnp.asarray(dataset.x[0]))
+  state = train.train(trainer, state, challenge.train_KxT, dataset.x,
+                      dataset.y, config.epochs, log=log)
+  return state.params
+
+
+def attack_scores(observations: attacks_lib.Observations,
+                  challenge: challenge_lib.Challenge, names: Sequence[str]
+                  ) -> dict[str, np.ndarray]:
+  """Runs each named attack on every target; keeps its challenge points."""
+  rows = np.arange(challenge.num_models)[:, None]
+  return {name: np.asarray(attacks_lib.ATTACKS[name](observations))[
+      rows, challenge.challenge_KxC] for name in names}
+
+
+def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
+                 num_models: int, seed: int, attack_names: Sequence[str],
+                 queries: Sequence[stats.Query], shadows: str = "all",
+                 log: Log | None = print) -> ScenarioResult:
+  """Builds the challenge, trains, computes statistics and runs the attacks.
+
+  Args:
+    task: the task (model, split sizes).
+    config: the scenario's training recipe.
+    dataset: the task's pool.
+    num_models: K, all of them targets.
+    seed: base seed for the challenge seeds.
+    attack_names: keys of `attacks.ATTACKS`.
+    queries: query augmentations for the statistics pass.
+    shadows: "all" (every other model is a shadow) or "train" (only MICO's
+      train-phase models, whose membership MICO reveals).
+    log: progress messages, or None.
+  """
+  challenge = challenge_lib.make_challenge(
+      len(dataset), task.len_training, task.len_challenge,
+      challenge_lib.make_seeds(seed, num_models))
+  model = task.make_model(dataset.num_classes)
+  params = train_models(model, config, dataset, challenge, log)
+  if log:
+    log(f"statistics pass: {num_models} models x {len(dataset)} points x"
+        f" {len(queries)} queries")
+  observed = stats.compute_stats(model.apply, params, dataset.x, dataset.y,
+                                 queries)
+  shadow_K = None
+  if shadows == "train":
+    shadow_K = np.array([p == "train" for p in challenge.phases])
+  observations = attacks_lib.Observations(
+      observed.stat_KxNxA, observed.loss_KxNxA, challenge.keep_KxN, shadow_K)
+  scores = attack_scores(observations, challenge, attack_names)
+  metrics = {name: scoring.score(challenge.member_KxC, s)
+             for name, s in scores.items()}
+  return ScenarioResult(challenge, params, observed, scores, metrics)

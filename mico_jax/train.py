@@ -1,0 +1,227 @@
+"""K models trained together: one stacked pytree, `vmap` over models, `scan` over steps.
+
+Every leaf of `TrainState` except `step` has a leading models axis K. A model's
+randomness (init, data order, noise) comes only from its own key, so training
+K models together gives each the parameters it would get alone.
+
+Each model samples its batches from its own training list `train_KxT` (indices
+into the pool): a `Sampler` turns (sampler state, key, step) into positions in
+that list plus a mask, so batch shapes stay static and nothing recompiles.
+"""
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, NamedTuple, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A training recipe.
+
+  The learning rate decays by `decay_rate` every `decay_every` epochs
+  (PyTorch's StepLR; `decay_every=1` is ExponentialLR); 0 keeps it constant.
+  """
+
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  momentum: float = 0.0
+  batch_size: int = 64
+  epochs: int = 30
+  decay_every: int = 0
+  decay_rate: float = 1.0
+
+  def __post_init__(self):
+    if self.optimizer not in ("adam", "sgd"):
+      raise ValueError(f"optimizer must be 'adam' or 'sgd', got"
+                       f" {self.optimizer!r}")
+    if self.batch_size < 1 or self.epochs < 1 or self.learning_rate <= 0:
+      raise ValueError("batch_size, epochs and learning_rate must be positive")
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int
+                  ) -> optax.GradientTransformation:
+  """optax optimizer with MICO's step-decay schedule."""
+  learning_rate = config.learning_rate
+  if config.decay_every:
+    learning_rate = optax.exponential_decay(
+        config.learning_rate, config.decay_every * steps_per_epoch,
+        config.decay_rate, staircase=True)
+  if config.optimizer == "adam":
+    return optax.adam(learning_rate)
+  return optax.sgd(learning_rate, momentum=config.momentum or None)
+
+
+class Sampler(Protocol):
+  """Chooses each step's batch from one model's training list (vmapped)."""
+
+  steps_per_epoch: int
+
+  def init(self, key: jax.Array) -> PyTree:
+    """The sampler's state for one model (its data-order state)."""
+
+  def sample(self, state: PyTree, key: jax.Array, step: jax.Array
+            ) -> tuple[PyTree, jax.Array, jax.Array]:
+    """Returns (state, positions `[B]` into the training list, mask `[B]`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochShuffle:
+  """A fresh permutation every epoch, cut into batches; the last may be short."""
+
+  num_points: int
+  batch_size: int
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return math.ceil(self.num_points / self.batch_size)
+
+  def _order(self, key: jax.Array, epoch: jax.Array) -> jax.Array:
+    order = jax.random.permutation(jax.random.fold_in(key, epoch),
+                                   self.num_points)
+    padding = self.steps_per_epoch * self.batch_size - self.num_points
+    return jnp.pad(order, (0, padding), constant_values=-1)
+
+  def init(self, key: jax.Array) -> jax.Array:
+    return self._order(key, 0)
+
+  def sample(self, state, key, step):
+    epoch, position = jnp.divmod(step, self.steps_per_epoch)
+    # `step` is shared by all models, so under vmap this stays a real branch.
+    state = jax.lax.cond(position == 0, lambda: self._order(key, epoch),
+                         lambda: state)
+    batch = jax.lax.dynamic_slice(state, (position * self.batch_size,),
+                                  (self.batch_size,))
+    return state, jnp.maximum(batch, 0), batch >= 0
+
+
+class TrainState(NamedTuple):
+  """Everything training needs to continue, stacked over K models."""
+
+  params: PyTree
+  opt_state: PyTree
+  sampler_state: PyTree
+  key_K: jax.Array  # raw uint32 keys [K, 2]
+  step: jax.Array  # scalar, shared by all models
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+GradientFn = Callable[..., tuple[jax.Array, PyTree]]
+
+
+def mean_gradient(apply_fn: Callable, params: PyTree, x: jax.Array,
+                  y: jax.Array, mask: jax.Array, key: jax.Array
+                  ) -> tuple[jax.Array, PyTree]:
+  """(mean loss, its gradient) over the unmasked examples of one model."""
+  del key  # deterministic
+
+  def loss_fn(p):
+    losses = cross_entropy(apply_fn(p, x), y)
+    return jnp.sum(jnp.where(mask, losses, 0)) / jnp.maximum(mask.sum(), 1)
+
+  return jax.value_and_grad(loss_fn)(params)
+
+
+_STREAMS = ("init", "sampler", "gradient")
+
+
+def _stream(key: jax.Array, name: str) -> jax.Array:
+  """Independent randomness for each use of a model's key."""
+  return jax.random.fold_in(key, _STREAMS.index(name))
+
+
+def model_keys(seeds_Kx3: np.ndarray) -> jax.Array:
+  """One raw PRNG key per model, from that model's three challenge seeds."""
+  words = [np.random.SeedSequence([int(s) for s in seeds]).generate_state(2)
+           for seeds in seeds_Kx3]
+  return jnp.asarray(np.stack(words), jnp.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """Trains a stack of models of one architecture with one recipe.
+
+  Attributes:
+    model: flax module mapping `[B, ...]` to logits.
+    optimizer: optax transformation applied to each model's gradient.
+    sampler: batch sampler over each model's training list.
+    gradient_fn: `(apply, params, x, y, mask, key) -> (loss, grads)`; plain
+      mean gradient by default, DP-SGD's clipped noisy sum otherwise.
+  """
+
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  sampler: Sampler
+  gradient_fn: GradientFn = mean_gradient
+
+  def init(self, key_K: jax.Array, example_x: jax.Array) -> TrainState:
+    """Initial state for K models; `example_x` is one input `[...]`."""
+
+    def init_one(key):
+      params = self.model.init(_stream(key, "init"), example_x[None])
+      return (params, self.optimizer.init(params),
+              self.sampler.init(_stream(key, "sampler")))
+
+    params, opt_state, sampler_state = jax.jit(jax.vmap(init_one))(key_K)
+    return TrainState(params, opt_state, sampler_state, key_K,
+                      jnp.zeros((), jnp.int32))
+
+  def _one_step(self, params, opt_state, sampler_state, key, train_T, step,
+                x_N, y_N):
+    sampler_state, positions, mask = self.sampler.sample(
+        sampler_state, _stream(key, "sampler"), step)
+    idx = train_T[positions]
+    loss, grads = self.gradient_fn(
+        self.model.apply, params, x_N[idx], y_N[idx], mask,
+        jax.random.fold_in(_stream(key, "gradient"), step))
+    updates, opt_state = self.optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, sampler_state, loss
+
+  @jax.jit(static_argnames=("self", "num_steps"))
+  def run(self, state: TrainState, train_KxT: jax.Array, x_N: jax.Array,
+          y_N: jax.Array, num_steps: int) -> tuple[TrainState, jax.Array]:
+    """Advances all K models by `num_steps`; returns (state, mean loss [K])."""
+    step_all = jax.vmap(self._one_step,
+                        in_axes=(0, 0, 0, 0, 0, None, None, None))
+
+    def body(carry, _):
+      params, opt_state, sampler_state, step = carry
+      params, opt_state, sampler_state, loss_K = step_all(
+          params, opt_state, sampler_state, state.key_K, train_KxT, step, x_N,
+          y_N)
+      return (params, opt_state, sampler_state, step + 1), loss_K
+
+    carry = (state.params, state.opt_state, state.sampler_state, state.step)
+    (params, opt_state, sampler_state, step), loss_SxK = jax.lax.scan(
+        body, carry, length=num_steps)
+    return (TrainState(params, opt_state, sampler_state, state.key_K, step),
+            loss_SxK.mean(0))
+
+
+def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,
+          x_N: np.ndarray, y_N: np.ndarray, epochs: int,
+          log: Callable[[str], None] | None = print) -> TrainState:
+  """Runs `epochs` epochs one jitted scan at a time, logging progress."""
+  train_KxT, x_N, y_N = map(jnp.asarray, (train_KxT, x_N, y_N))
+  steps = trainer.sampler.steps_per_epoch
+  start = time.perf_counter()
+  for epoch in range(int(state.step) // steps, epochs):
+    state, loss_K = trainer.run(state, train_KxT, x_N, y_N, steps)
+    if log:
+      loss_K = np.asarray(loss_K)
+      elapsed = time.perf_counter() - start
+      log(f"epoch {epoch + 1}/{epochs}  loss {loss_K.mean():.4f}"
+          f" (min {loss_K.min():.4f}, max {loss_K.max():.4f})"
+          f"  {elapsed:.1f}s")
+  return state
