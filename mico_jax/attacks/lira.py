@@ -19,11 +19,14 @@ def _gaussians(stat_KxNxA, weight_KxN):
   """Leave-target-out mean and variance of `stat` over weighted shadows.
 
   Returns mean, per-example variance and per-target global variance, each
-  broadcastable to `[K, N, A]`, and the shadow count `[K, N, 1]`.
+  broadcastable to `[K, N, A]`.
   """
-  # Centering per point keeps the sum of squares accurate in float32.
-  stat = stat_KxNxA - stat_KxNxA.mean(0, keepdims=True)
-  w = weight_KxN[..., None].astype(stat.dtype)
+  w = weight_KxN[..., None].astype(stat_KxNxA.dtype)
+  # Centering each point on its shadows' mean keeps the sums of squares
+  # accurate in float32 (and independent of the models that are not shadows).
+  center = (w * stat_KxNxA).sum(0, keepdims=True) / jnp.maximum(
+      w.sum(0, keepdims=True), 1)
+  stat = stat_KxNxA - center
   total = (w * stat).sum(0, keepdims=True)
   total_sq = (w * stat**2).sum(0, keepdims=True)
   count = w.sum(0, keepdims=True) - w
@@ -35,11 +38,13 @@ def _gaussians(stat_KxNxA, weight_KxN):
   global_var = ((jnp.where(has_var, var, 0)).sum(1, keepdims=True) /
                 jnp.maximum(has_var.sum(1, keepdims=True), 1))
   var = jnp.where(has_var, var, global_var)
-  # With no shadow at all, fall back to the mean over every such observation.
-  fallback = (loo_sum.sum(1, keepdims=True) /
+  # With no shadow at all, fall back to the mean of all the target's shadow
+  # observations on this side (in original units: `center` may be the
+  # target's own value there).
+  fallback = ((loo_sum + count * center).sum(1, keepdims=True) /
               jnp.maximum(count.sum(1, keepdims=True), 1))
-  mean = jnp.where(count > 0, mean, fallback)
-  return stat, mean, jnp.maximum(var, _EPS), jnp.maximum(global_var, _EPS)
+  mean = jnp.where(count > 0, mean + center, fallback)
+  return mean, jnp.maximum(var, _EPS), jnp.maximum(global_var, _EPS)
 
 
 def _shadow_weights(keep_KxN, shadow_K):
@@ -63,10 +68,11 @@ def lira_online(stat_KxNxA: jax.Array, keep_KxN: jax.Array,
     score_KxN: higher means more likely a member of that model's training set.
   """
   w_in, w_out = _shadow_weights(keep_KxN, shadow_K)
-  stat, mean_in, var_in, gvar_in = _gaussians(stat_KxNxA, w_in)
-  _, mean_out, var_out, gvar_out = _gaussians(stat_KxNxA, w_out)
+  mean_in, var_in, gvar_in = _gaussians(stat_KxNxA, w_in)
+  mean_out, var_out, gvar_out = _gaussians(stat_KxNxA, w_out)
   if fixed_variance:
     var_in, var_out = gvar_in, gvar_out
+  stat = stat_KxNxA
   llr = (norm.logpdf(stat, mean_in, jnp.sqrt(var_in)) -
          norm.logpdf(stat, mean_out, jnp.sqrt(var_out)))
   return llr.mean(-1)
@@ -82,8 +88,8 @@ def lira_offline(stat_KxNxA: jax.Array, keep_KxN: jax.Array,
   needed. Arguments as `lira_online`.
   """
   _, w_out = _shadow_weights(keep_KxN, shadow_K)
-  stat, mean_out, var_out, gvar_out = _gaussians(stat_KxNxA, w_out)
+  mean_out, var_out, gvar_out = _gaussians(stat_KxNxA, w_out)
   if fixed_variance:
     var_out = gvar_out
-  z = (stat - mean_out) / jnp.sqrt(var_out)
+  z = (stat_KxNxA - mean_out) / jnp.sqrt(var_out)
   return -norm.logcdf(-z).mean(-1)

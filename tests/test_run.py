@@ -1,0 +1,58 @@
+"""The main job from the command line: outputs, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.run", *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=timeout)
+
+
+def test_small_run_writes_scores_bundle_and_plot(tmp_path):
+  workdir = tmp_path / "out"
+  proc = _run(f"--workdir={workdir}", "--num_models=4", "--epochs=2",
+              "--attacks=loss,lira_online")
+  assert proc.returncode == 0, proc.stderr
+  assert "epoch 2/2" in proc.stdout
+  scores = json.loads((workdir / "scores.json").read_text())
+  assert set(scores) == {"inf"}
+  assert set(scores["inf"]) == {"loss", "lira_online"}
+  assert set(scores["inf"]["loss"]) == {
+      "TPR_FPR_10", "TPR_FPR_100", "TPR_FPR_500", "TPR_FPR_1000",
+      "TPR_FPR_1500", "TPR_FPR_2000", "AUC", "MIA", "accuracy"}
+  assert (workdir / "roc.png").stat().st_size > 1000
+  prediction = np.loadtxt(workdir / "bundle" / "inf" / "final" / "model_3" /
+                          "prediction.csv")
+  assert prediction.shape == (200,)
+  assert prediction.min() >= 0 and prediction.max() <= 1
+  models = (workdir / "inf" / "models.csv").read_text().splitlines()
+  assert models[0] == "model,phase,train_accuracy,eval_accuracy"
+  assert len(models) == 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task=nope"], "--task"),
+    (["--num_models=1"], "--num_models"),
+    (["--scenario=mid"], "--scenario"),
+    (["--attacks=loss,magic"], "--attacks"),
+    (["--len_challenge=899"], "only 1797"),
+    (["--workdir=/dev/null/sub"], "not writable"),
+    (["--submit_attack=lira_online", "--attacks=loss"], "--submit_attack"),
+])
+def test_bad_input_gets_one_line_error(args, message, tmp_path):
+  if not any(a.startswith("--workdir") for a in args):
+    args = [*args, f"--workdir={tmp_path}"]
+  proc = _run(*args)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "scores.json").exists()

@@ -1,0 +1,89 @@
+"""K models trained together equal each trained alone; sampling and schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mico_jax import challenge, data, models, pipeline, train
+
+N, n, m = 400, 160, 20
+
+
+@pytest.fixture(scope="module", name="setup")
+def _setup():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(N, 12)).astype(np.float32)
+  y = (x[:, :3].argmax(1)).astype(np.int32)
+  chal = challenge.make_challenge(N, n, m, challenge.make_seeds(1, 3))
+  return data.Dataset("toy", x, y, 3, "tabular"), chal
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_vmapped_training_equals_training_each_model_alone(setup, optimizer):
+  dataset, chal = setup
+  config = train.TrainConfig(optimizer=optimizer, learning_rate=0.05,
+                             momentum=0.9, batch_size=32, epochs=3,
+                             decay_every=1, decay_rate=0.5)
+  model = models.MLP(3, (16,))
+  together = pipeline.train_models(model, config, dataset, chal, log=None)
+  for k in range(3):
+    alone = pipeline.train_models(model, config, dataset, chal.select([k]),
+                                  log=None)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a[k], b[0], rtol=1e-5,
+                                                atol=1e-6), together, alone)
+  # The models really differ from one another (their own seeds and data).
+  leaf = jax.tree.leaves(together)[0]
+  assert not np.allclose(leaf[0], leaf[1])
+
+
+def test_training_reduces_loss_and_resumes_mid_run(setup):
+  dataset, chal = setup
+  x, y = dataset.x, dataset.y
+  config = train.TrainConfig(learning_rate=0.01, batch_size=32, epochs=4)
+  trainer = pipeline.make_trainer(models.MLP(3, (16,)), config, n)
+  state = trainer.init(train.model_keys(chal.seeds_Kx3), jnp.asarray(x[0]))
+  args = (jnp.asarray(chal.train_KxT), jnp.asarray(x), jnp.asarray(y))
+  steps = trainer.sampler.steps_per_epoch
+  first, loss_first = trainer.run(state, *args, steps)
+  whole, loss_last = trainer.run(first, *args, 3 * steps)
+  assert (np.asarray(loss_last) < np.asarray(loss_first)).all()
+  # Running 4 epochs in two pieces or in one gives the same state.
+  direct, _ = trainer.run(state, *args, 4 * steps)
+  jax.tree.map(np.testing.assert_array_equal, whole, direct)
+  assert int(whole.step) == 4 * steps
+
+
+def test_epoch_shuffle_visits_every_point_once_per_epoch():
+  sampler = train.EpochShuffle(num_points=10, batch_size=4)
+  assert sampler.steps_per_epoch == 3
+  key = jax.random.PRNGKey(0)
+  state = sampler.init(key)
+  seen = {0: [], 1: []}
+  for step in range(6):
+    state, positions, mask = sampler.sample(state, key, jnp.asarray(step))
+    seen[step // 3] += np.asarray(positions)[np.asarray(mask)].tolist()
+  assert sorted(seen[0]) == sorted(seen[1]) == list(range(10))
+  assert seen[0] != seen[1]  # a new order each epoch
+
+
+def test_step_decay_matches_pytorch_steplr():
+  config = train.TrainConfig(optimizer="sgd", learning_rate=1.0, epochs=20,
+                             decay_every=5, decay_rate=0.9)
+  opt = train.make_optimizer(config, steps_per_epoch=10)
+  params = {"w": jnp.zeros(())}
+  state = opt.init(params)
+  lrs = []
+  for _ in range(200):
+    updates, state = opt.update({"w": jnp.ones(())}, state, params)
+    lrs.append(-float(updates["w"]))
+  expected = [0.9 ** (step // 10 // 5) for step in range(200)]
+  np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+
+
+def test_bad_recipes_are_refused():
+  with pytest.raises(ValueError, match="optimizer"):
+    train.TrainConfig(optimizer="rmsprop")
+  with pytest.raises(ValueError, match="positive"):
+    train.TrainConfig(batch_size=0)
