@@ -1,4 +1,4 @@
-"""Tests for the CIFAR-10 loaders: the JPEG archive and TFDS (mocked, offline)."""
+"""Tests for the CIFAR-10 loaders: JPEG archive and TFDS (mocked, offline)."""
 
 import io
 import pathlib
@@ -11,7 +11,9 @@ from PIL import Image
 from mico_jax.data import DataError
 from mico_jax.data import cifar10
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data from the repository root; absent on users' machines.
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = _REPO.parent / "shared" / "data"
 
 
 def _jpeg(color, size=(32, 32), mode="RGB") -> bytes:

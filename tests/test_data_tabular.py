@@ -1,4 +1,4 @@
-"""Tests for the Shokri et al. tabular reader (Purchase-100, Location, Texas-100)."""
+"""Tests for the Shokri et al. tabular reader (Purchase-100, Location, ...)."""
 
 import pathlib
 
@@ -8,7 +8,9 @@ import pytest
 from mico_jax.data import DataError
 from mico_jax.data import tabular
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data from the repository root; absent on users' machines.
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = _REPO.parent / "shared" / "data"
 
 
 def _write(tmp_path, text: str, name: str = "records") -> pathlib.Path:

@@ -35,7 +35,7 @@ _NPZ_KEYS = ("jpeg", "offsets", "label", "split")
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
-  """uint8 `[..., 3]` images -> float32 `(x / 255 - CIFAR10_MEAN) / CIFAR10_STD`.
+  """uint8 `[..., 3]` images -> float32 `(x/255 - CIFAR10_MEAN) / CIFAR10_STD`.
 
   Computed through a per-channel lookup table (exact in float64, then rounded):
   4x faster than float arithmetic on all 60,000 images.
@@ -148,7 +148,7 @@ def load_cifar10_tfds(
 
 
 def _read_all(source: Sequence[Any]) -> list[Any]:
-  """Every record of a random-access source (e.g. a `tfds.data_source` split)."""
+  """Every record of a random-access source (a `tfds.data_source` split)."""
   return [source[i] for i in range(len(source))]
 
 

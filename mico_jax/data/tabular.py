@@ -66,7 +66,7 @@ def load_tabular(
 
 
 def load_purchase100(path: str | os.PathLike[str]) -> Dataset:
-  """Purchase-100 (`dataset_purchase`): 197,324 records, 600 features, 100 classes."""
+  """Purchase-100 (`dataset_purchase`): 197,324 x 600 features, 100 classes."""
   return load_tabular(path, "purchase100", num_features=600, num_classes=100)
 
 
@@ -85,7 +85,8 @@ def _parse_bulk(path: str) -> np.ndarray | None:
   for dtype in (np.int16, np.float32):
     try:
       with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "input contained no data".
+        # "input contained no data": an empty file, reported by the scan.
+        warnings.simplefilter("ignore", UserWarning)
         return np.loadtxt(
             path, dtype=dtype, delimiter=",", quotechar='"', comments=None,
             ndmin=2, encoding="utf-8")
@@ -115,7 +116,7 @@ def _valid(
 def _scan_for_error(
     path: str, num_features: int | None, num_classes: int | None
 ) -> None:
-  """Reads `path` line by line and raises a `DataError` at the first bad line."""
+  """Reads `path` line by line; raises a `DataError` at the first bad line."""
   expected = None if num_features is None else num_features + 1
   seen_record = False
   with open(path, "rb") as f:
