@@ -10,6 +10,7 @@ from PIL import Image
 
 from mico_jax.data import DataError
 from mico_jax.data import cifar10
+import tfds_prepared
 
 # ../shared/data from the repository root; absent on users' machines.
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -136,6 +137,29 @@ def test_tfds_restores_original_order(id_type):
   np.testing.assert_array_equal(ds.x, expected)
   np.testing.assert_array_equal(ds.y, pool_index % 10)
   assert ds.kind == "image" and ds.hflip and ds.num_classes == 10
+
+
+def _png(value: int) -> bytes:
+  out = io.BytesIO()
+  Image.new("RGB", (32, 32), (value,) * 3).save(out, format="PNG")
+  return out.getvalue()
+
+
+def test_tfds_real_data_source_on_prepared_files(tmp_path):
+  # Written as TFDS would (shuffled), read by the real array_record path.
+  splits = {}
+  for split, n, offset in (("train", 6, 0), ("test", 4, 100)):
+    order = np.random.default_rng(n).permutation(n)
+    splits[split] = [
+        {"id": f"{split}_{i:05d}".encode(), "image": _png(offset + i),
+         "label": (offset + i) % 10} for i in order]
+  tfds_prepared.write_prepared("cifar10", tmp_path, splits)
+  ds = cifar10.load_cifar10_tfds(data_dir=tmp_path)
+  pool_index = np.r_[np.arange(6), 100 + np.arange(4)]
+  np.testing.assert_array_equal(ds.y, pool_index % 10)
+  expected = cifar10.normalize(np.broadcast_to(
+      pool_index.astype(np.uint8)[:, None, None, None], (10, 32, 32, 3)).copy())
+  np.testing.assert_array_equal(ds.x, expected)
 
 
 def test_tfds_random_mock_ids_are_rejected():

@@ -5,9 +5,12 @@ import pathlib
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+# Registers `glue` without TensorFlow (sst2 imports it too, but lazily).
+import tensorflow_datasets.text.glue  # pylint: disable=unused-import
 
 from mico_jax.data import DataError
 from mico_jax.data import sst2
+import tfds_prepared
 
 # ../shared/data from the repository root; absent on users' machines.
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -140,6 +143,21 @@ def test_read_sst2_tfds_sorts_by_idx():
   assert sentences == expected
   np.testing.assert_array_equal(labels, [i % 2 for i in range(9)]
                                 + [i % 2 for i in range(4)])
+
+
+def test_read_sst2_tfds_real_data_source_on_prepared_files(tmp_path):
+  # Written as TFDS would (shuffled), read by the real array_record path,
+  # which returns Text features as bytes.
+  splits = {}
+  for split, n in (("train", 7), ("validation", 3)):
+    order = np.random.default_rng(n).permutation(n)
+    splits[split] = [{"idx": int(i), "sentence": f"{split} {i} é".encode(),
+                      "label": int(i % 2)} for i in order]
+  tfds_prepared.write_prepared("glue/sst2", tmp_path, splits)
+  sentences, labels = sst2.read_sst2_tfds(data_dir=tmp_path)
+  assert sentences == ([f"train {i} é" for i in range(7)]
+                       + [f"validation {i} é" for i in range(3)])
+  np.testing.assert_array_equal(labels, [0, 1, 0, 1, 0, 1, 0, 0, 1, 0])
 
 
 def test_load_sst2_tfds():
