@@ -8,8 +8,8 @@ writes, under --workdir:
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
   <scenario>/checkpoints/     orbax training states (every --checkpoint_every
                               steps and at the end); a rerun resumes from them
-  <scenario>/trained/         final params and statistics (npz); a rerun with
-                              the same configuration reuses them
+  <scenario>/trained/         final params and statistics (npz); a rerun
+                              with the same configuration reuses them
   bundle/<scenario>/<phase>/model_<i>/  MICO's layout: seeds, solution.csv,
                               prediction.csv (scores of --submit_attack in [0, 1])
 scores.json is written last: a run that stops early leaves none.

@@ -1,4 +1,4 @@
-"""Preemption-safe training: orbax checkpoints of the whole state, and saved results.
+"""Preemption-safe training: orbax checkpoints of the state; saved results.
 
 `TrainCheckpoints` keeps the last few training states of one group of models
 (params, optimizer state, data-order state, keys, step) with orbax, which
@@ -30,7 +30,7 @@ Log = Callable[[str], None]
 
 
 class CheckpointError(Exception):
-  """A checkpoint or saved result that must not be used; the message says why."""
+  """A checkpoint or saved result that must not be used; says why."""
 
 
 def _normal(description: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,8 +51,9 @@ def initialize(coordinator_address: str | None = None,
   if process_id is None and env("JAX_PROCESS_ID"):
     process_id = int(env("JAX_PROCESS_ID"))
   if num_processes is None or process_id is None:
-    raise ParallelError("a coordinator address needs the number of processes and"
-                     " this process's id (--num_processes, --process_id)")
+    raise ParallelError("a coordinator address needs the number of processes"
+                        " and this process's id (--num_processes,"
+                        " --process_id)")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
   return True
 
@@ -62,18 +63,10 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A mesh with one axis, `"models"`, over the first `num_devices` devices.
-
-  Defaults to every device of every process.
-  """
-  num_devices = num_devices or jax.device_count()
-  if not 1 <= num_devices <= jax.device_count():
-    raise ParallelError(f"asked for {num_devices} devices, have"
-                     f" {jax.device_count()}")
-  return jax.make_mesh((num_devices,), (MODELS,),
-                       axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:num_devices])
+def make_mesh() -> Mesh:
+  """A mesh with one axis, `"models"`, over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (MODELS,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def padded_size(num_models: int, mesh: Mesh) -> int:

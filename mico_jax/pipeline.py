@@ -115,7 +115,8 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
   state, checkpoints, save = None, None, None
   if checkpoint_dir:
     description = describe_training(model, config, dataset, challenge)
-    description["state_models"] = padded.num_models  # padding is in the state
+    # The state holds the padding copies, so it fits only this many models.
+    description["models_with_padding"] = padded.num_models
     checkpoints = checkpoint.TrainCheckpoints(checkpoint_dir, description)
     state = checkpoints.restore(jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

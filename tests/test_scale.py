@@ -1,4 +1,4 @@
-"""Scale-out: sharded models on fake devices, two processes, waves, kill -9 and resume.
+"""Scale-out: fake devices, two processes, waves, kill -9 and resume.
 
 Fake CPU devices need XLA_FLAGS before JAX starts, so those tests run the main
 job (or a short script) in subprocesses. XLA's CPU batched matmul rounds
