@@ -47,6 +47,8 @@ def test_small_run_writes_scores_bundle_and_plot(tmp_path):
     (["--len_challenge=899"], "only 1797"),
     (["--workdir=/dev/null/sub"], "not writable"),
     (["--submit_attack=lira_online", "--attacks=loss"], "--submit_attack"),
+    (["--attacks_only"], "no trained models and statistics to reuse"),
+    (["--coordinator_address=127.0.0.1:1"], "--num_processes"),
 ])
 def test_bad_input_gets_one_line_error(args, message, tmp_path):
   if not any(a.startswith("--workdir") for a in args):
