@@ -202,10 +202,12 @@ class PoissonSampler:
     u = jax.random.uniform(jax.random.fold_in(key, step), (self.capacity,))
     # Inverse CDF of Geometric(q) on {1, 2, ...}; q = 1 gives gaps of 1.
     gaps = jnp.floor(jnp.log1p(-u) / jnp.log1p(-self.sample_rate)) + 1
-    gaps = jnp.minimum(gaps, self.num_points).astype(jnp.int32)
+    # Any gap past the end is as good as n + 1; clipping keeps int32 safe.
+    end = self.num_points + 1
+    gaps = jnp.minimum(gaps, end).astype(jnp.int32)
     # Saturating running sum: past the end is past the end, with no overflow.
     ends = jax.lax.associative_scan(
-        lambda a, b: jnp.minimum(a + b, self.num_points), gaps)
+        lambda a, b: jnp.minimum(a + b, end), gaps)
     positions = ends - 1
     mask = positions < self.num_points
     return state, jnp.where(mask, positions, 0), mask
