@@ -8,12 +8,14 @@ warm-up run that compiles): plain minibatch SGD, DP-SGD with ghost norms, and
 DP-SGD with naive `vmap(grad)` per-example gradients. Prints the DP / non-DP
 cost ratio, the ghost / naive speed-up and the achieved FLOP/s against a JAX
 matmul's, measured in the same run, and how much of the DP cost is padding
-to the batch capacity (a non-DP step on a batch that large). The naive path keeps K x capacity
-per-example gradients in memory (~250 MB a model here), so it runs on fewer
-models and is compared per model, with the ghost path timed on as many.
+to the batch capacity (a non-DP step on a batch that large). The naive path
+keeps K x capacity per-example gradients in memory (~250 MB a model here), so
+it runs on fewer models and is compared per model, with the ghost path timed
+on as many.
 """
 
 import argparse
+import dataclasses
 import time
 from typing import Callable
 
@@ -91,10 +93,10 @@ def main():
   mech = dp.calibrate(dp_config, n, args.batch_size, config.epochs)
   plain = pipeline.make_trainer(model, config, n)
   # The same work as DP's padded batch, without clipping or noise.
-  padded = pipeline.make_trainer(model, train.TrainConfig(
-      **{**config.__dict__, "batch_size": mech.capacity}), n)
-  ghost = pipeline.make_trainer(model, train.TrainConfig(
-      **{**config.__dict__, "dp": dp_config}), n)
+  padded = pipeline.make_trainer(
+      model, dataclasses.replace(config, batch_size=mech.capacity), n)
+  ghost = pipeline.make_trainer(
+      model, dataclasses.replace(config, dp=dp_config), n)
   naive = train.Trainer(ghost.model, ghost.optimizer, ghost.sampler,
                         dp.DPGradient(mech.clip_norm, mech.noise_multiplier,
                                       mech.expected_batch_size, "naive"))
