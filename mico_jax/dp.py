@@ -7,6 +7,9 @@ One DP-SGD step of one model (vmapped over K models by the `Trainer`):
   2. `clipped_grad_sum`: each example's gradient is scaled to L2 norm <= C and
      the results summed, without materialising per-example gradients for dense
      and convolution layers ("ghost norms", below).
+     `chunked_clipped_grad_sum` runs it on the rows nearly every batch fills,
+     then in small chunks up to the batch's last row, so the padding costs
+     little compute; the capacity, and so the accounting, is unchanged.
   3. `DPGradient`: adds N(0, σ²C²) to every coordinate, from the model's own
      per-step key, and divides by the *expected* batch size q·n (as Opacus
      does), so any optax optimizer then applies the update.
@@ -416,6 +419,72 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   return losses_B, traverse_util.unflatten_dict(grads), norm_B
 
 
+def chunked_clipped_grad_sum(apply_fn: Callable, params: PyTree,
+                             x_N: jax.Array, y_N: jax.Array,
+                             idx_B: jax.Array, mask_B: jax.Array,
+                             clip_norm: float, chunk_size: int,
+                             head_size: int = 0, method: str = "ghost"
+                             ) -> tuple[jax.Array, PyTree]:
+  """`clipped_grad_sum` of the batch `x_N[idx_B]`, a head and then chunks.
+
+  Clipping is per example, so the clipped sums of the first `head_size` rows
+  and of the following `chunk_size`-row chunks add up to the whole batch's.
+  Chunks after the last unmasked row are skipped: a Poisson batch fills a
+  prefix of its capacity, so most of the padding costs no compute (under
+  `vmap` over models, the loop runs until every model's batch is done). The
+  rows are gathered per chunk, for the same reason.
+
+  Args:
+    apply_fn: `(params, x_Bx...) -> logits_BxC`.
+    params: one model's variables.
+    x_N: the pool's inputs `[N, ...]`.
+    y_N: the pool's integer labels `[N]`.
+    idx_B: the batch's rows of the pool.
+    mask_B: bool; masked examples contribute nothing.
+    clip_norm: C.
+    chunk_size: rows per chunk after the head.
+    head_size: rows computed in one block whatever the mask: those nearly
+      every batch fills.
+    method: "ghost" or "naive" (see `clipped_grad_sum`).
+
+  Returns:
+    (the sum of the unmasked examples' losses, the clipped sum shaped like
+    `params`).
+  """
+  capacity = idx_B.shape[0]
+  head = min(head_size, capacity)
+  chunk = min(chunk_size, capacity - head)
+
+  def block(start, size, skip):
+    """Loss sum and clipped sum of rows [start, start + size), but `skip`."""
+    mask_c = (jax.lax.dynamic_slice_in_dim(mask_B, start, size) &
+              (start + jnp.arange(size) >= skip))
+    idx_c = jax.lax.dynamic_slice_in_dim(idx_B, start, size)
+    losses_c, grads_c, _ = clipped_grad_sum(
+        apply_fn, params, x_N[idx_c], y_N[idx_c], mask_c, clip_norm, method)
+    return jnp.sum(jnp.where(mask_c, losses_c, 0)), grads_c
+
+  if head:
+    loss_sum, grads = block(0, head, 0)
+  else:
+    loss_sum, grads = (jnp.zeros((), jnp.float32),
+                       jax.tree.map(jnp.zeros_like, params))
+  if not chunk:
+    return loss_sum, grads
+  end = jnp.max(jnp.where(mask_B, jnp.arange(1, capacity + 1), 0))
+
+  def body(carry):
+    first, loss_sum, grads = carry
+    # The last chunk may overlap the one before; its repeated rows are masked.
+    loss_c, grads_c = block(jnp.minimum(first, capacity - chunk), chunk, first)
+    return (first + chunk, loss_sum + loss_c,
+            jax.tree.map(jnp.add, grads, grads_c))
+
+  _, loss_sum, grads = jax.lax.while_loop(
+      lambda c: c[0] < end, body, (jnp.int32(head), loss_sum, grads))
+  return loss_sum, grads
+
+
 def add_noise(grads: PyTree, key: jax.Array, stddev: float) -> PyTree:
   """`grads` plus independent N(0, stddev²) on every coordinate."""
   leaves, treedef = jax.tree.flatten(grads)
@@ -429,26 +498,41 @@ def add_noise(grads: PyTree, key: jax.Array, stddev: float) -> PyTree:
 class DPGradient:
   """DP-SGD's gradient, with `train.mean_gradient`'s signature.
 
-  `(apply_fn, params, x, y, mask, key) -> (mean loss, (Σ clipped + noise) /
-  expected batch size)`; the result feeds any optax optimizer.
+  `(apply_fn, params, x_N, y_N, idx_B, mask_B, key) -> (mean loss,
+  (Σ clipped + noise) / expected batch size)`; the result feeds any optax
+  optimizer.
 
   Attributes:
     clip_norm: C.
     noise_multiplier: σ; noise N(0, σ²C²) per coordinate.
     expected_batch_size: q·n, the divisor (fixed, so the noise scale is).
     method: "ghost" or "naive" (see `clipped_grad_sum`).
+    chunk_size: rows per chunk after the head (see
+      `chunked_clipped_grad_sum`); small enough that the last chunk wastes
+      little, large enough that each runs efficiently.
   """
 
   clip_norm: float
   noise_multiplier: float
   expected_batch_size: float
   method: str = "ghost"
+  chunk_size: int = 64
 
-  def __call__(self, apply_fn: Callable, params: PyTree, x: jax.Array,
-               y: jax.Array, mask: jax.Array, key: jax.Array
-               ) -> tuple[jax.Array, PyTree]:
-    losses_B, grads, _ = clipped_grad_sum(apply_fn, params, x, y, mask,
-                                          self.clip_norm, self.method)
+  @property
+  def head_size(self) -> int:
+    """Rows nearly every Poisson batch fills: 3 sd below its mean.
+
+    A batch size is Binomial(n, q), whose sd is below sqrt(q·n).
+    """
+    mean = self.expected_batch_size
+    return max(0, math.floor(mean - 3 * math.sqrt(mean)))
+
+  def __call__(self, apply_fn: Callable, params: PyTree, x_N: jax.Array,
+               y_N: jax.Array, idx_B: jax.Array, mask_B: jax.Array,
+               key: jax.Array) -> tuple[jax.Array, PyTree]:
+    loss_sum, grads = chunked_clipped_grad_sum(
+        apply_fn, params, x_N, y_N, idx_B, mask_B, self.clip_norm,
+        self.chunk_size, self.head_size, self.method)
     noisy = add_noise(grads, key, self.noise_multiplier * self.clip_norm)
-    loss = jnp.sum(jnp.where(mask, losses_B, 0)) / jnp.maximum(mask.sum(), 1)
+    loss = loss_sum / jnp.maximum(mask_B.sum(), 1)
     return loss, jax.tree.map(lambda g: g / self.expected_batch_size, noisy)

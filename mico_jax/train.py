@@ -125,15 +125,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 GradientFn = Callable[..., tuple[jax.Array, PyTree]]
 
 
-def mean_gradient(apply_fn: Callable, params: PyTree, x: jax.Array,
-                  y: jax.Array, mask: jax.Array, key: jax.Array
-                  ) -> tuple[jax.Array, PyTree]:
+def mean_gradient(apply_fn: Callable, params: PyTree, x_N: jax.Array,
+                  y_N: jax.Array, idx_B: jax.Array, mask_B: jax.Array,
+                  key: jax.Array) -> tuple[jax.Array, PyTree]:
   """(mean loss, its gradient) over the unmasked examples of one model."""
   del key  # deterministic
 
   def loss_fn(p):
-    losses = cross_entropy(apply_fn(p, x), y)
-    return jnp.sum(jnp.where(mask, losses, 0)) / jnp.maximum(mask.sum(), 1)
+    losses_B = cross_entropy(apply_fn(p, x_N[idx_B]), y_N[idx_B])
+    return (jnp.sum(jnp.where(mask_B, losses_B, 0)) /
+            jnp.maximum(mask_B.sum(), 1))
 
   return jax.value_and_grad(loss_fn)(params)
 
@@ -161,8 +162,10 @@ class Trainer:
     model: flax module mapping `[B, ...]` to logits.
     optimizer: optax transformation applied to each model's gradient.
     sampler: batch sampler over each model's training list.
-    gradient_fn: `(apply, params, x, y, mask, key) -> (loss, grads)`; plain
-      mean gradient by default, DP-SGD's clipped noisy sum otherwise.
+    gradient_fn: `(apply, params, x_N, y_N, idx_B, mask_B, key) -> (loss,
+      grads)` for the batch `x_N[idx_B]` (it gathers the rows itself, so it
+      can skip masked ones); plain mean gradient by default, DP-SGD's clipped
+      noisy sum otherwise.
   """
 
   model: nn.Module
@@ -186,9 +189,8 @@ class Trainer:
                 x_N, y_N):
     sampler_state, positions, mask = self.sampler.sample(
         sampler_state, _stream(key, "sampler"), step)
-    idx = train_T[positions]
     loss, grads = self.gradient_fn(
-        self.model.apply, params, x_N[idx], y_N[idx], mask,
+        self.model.apply, params, x_N, y_N, train_T[positions], mask,
         jax.random.fold_in(_stream(key, "gradient"), step))
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, sampler_state, loss

@@ -67,6 +67,30 @@ def test_ghost_clipping_equals_naive_per_example_gradients(model, shape,
         a, b, rtol=2e-4, atol=1e-6 * np.abs(b).max()), grads, expected)
 
 
+@pytest.mark.parametrize("chunk_size,head_size", [
+    (4, 0), (5, 0), (16, 0), (4, 3), (2, 8), (4, 11)])
+def test_chunked_sum_equals_the_whole_batch(chunk_size, head_size):
+  model = models.MLP(4, (8,))
+  params, x_N, y_N = _batch(model, (20, 6), 4, seed=2)
+  idx_B = jnp.asarray(np.random.default_rng(0).permutation(20)[:11])
+  # Under vmap, models with different batch sizes share the loop: Poisson
+  # prefixes of 0 to 11 rows, and a mask with holes.
+  masks_MxB = jnp.stack([jnp.arange(11) < b for b in (0, 3, 5, 11)] +
+                        [jnp.arange(11) % 3 == 1])
+  loss_sums_M, sums = jax.jit(jax.vmap(lambda m: dp.chunked_clipped_grad_sum(
+      model.apply, params, x_N, y_N, idx_B, m, 1.0, chunk_size,
+      head_size)))(masks_MxB)
+  losses_MxB, expected, _ = jax.vmap(lambda m: dp.clipped_grad_sum(
+      model.apply, params, x_N[idx_B], y_N[idx_B], m, 1.0))(masks_MxB)
+  np.testing.assert_allclose(
+      loss_sums_M, jnp.sum(jnp.where(masks_MxB, losses_MxB, 0), 1),
+      rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               sums, expected)
+  assert all(np.all(np.asarray(g)[0] == 0) for g in jax.tree.leaves(sums))
+
+
 def test_each_example_moves_the_sum_by_at_most_c():
   model = models.MLP(4, (32,))
   params, x, y = _batch(model, (16, 10), 4, seed=1)
@@ -94,7 +118,8 @@ def test_noise_has_std_sigma_c_and_is_independent_per_model():
   nothing = jnp.zeros(8, bool)  # an empty batch: the update is pure noise
   keys = jax.random.split(jax.random.PRNGKey(3), 2)
   _, noise = jax.jit(jax.vmap(
-      lambda k: gradient(model.apply, params, x, y, nothing, k)))(keys)
+      lambda k: gradient(model.apply, params, x, y, jnp.arange(8), nothing,
+                         k)))(keys)
   noise_2xP = np.concatenate(
       [np.asarray(g).reshape(2, -1) for g in jax.tree.leaves(noise)], 1)
   noise_2xP *= expected_batch
