@@ -486,12 +486,20 @@ def chunked_clipped_grad_sum(apply_fn: Callable, params: PyTree,
 
 
 def add_noise(grads: PyTree, key: jax.Array, stddev: float) -> PyTree:
-  """`grads` plus independent N(0, stddev²) on every coordinate."""
+  """`grads` plus independent N(0, stddev²) on every coordinate.
+
+  Drawn with threefry's original (non-partitionable) counter layout, which
+  hashes one counter pair per two values instead of one per value: a third
+  less time on CPU, where the draw is a large share of a DP step. Only a
+  draw's layout within one model changes; each model draws from its own key,
+  so the models axis shards as before.
+  """
   leaves, treedef = jax.tree.flatten(grads)
   keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([
-      g + stddev * jax.random.normal(k, g.shape, g.dtype)
-      for g, k in zip(leaves, keys)])
+  with jax.threefry_partitionable(False):
+    return treedef.unflatten([
+        g + stddev * jax.random.normal(k, g.shape, g.dtype)
+        for g, k in zip(leaves, keys)])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,7 +111,7 @@ def test_each_example_moves_the_sum_by_at_most_c():
 
 
 def test_noise_has_std_sigma_c_and_is_independent_per_model():
-  model = models.MLP(10, (64,))
+  model = models.MLP(10, (256,))
   params, x, y = _batch(model, (8, 40), 10)
   sigma, clip_norm, expected_batch = 1.7, 2.6, 37.5
   gradient = dp.DPGradient(clip_norm, sigma, expected_batch)
@@ -123,8 +123,8 @@ def test_noise_has_std_sigma_c_and_is_independent_per_model():
   noise_2xP = np.concatenate(
       [np.asarray(g).reshape(2, -1) for g in jax.tree.leaves(noise)], 1)
   noise_2xP *= expected_batch
-  assert noise_2xP.shape[1] > 3000
-  # std error of the std estimate is ~1/sqrt(2P) < 1%.
+  assert noise_2xP.shape[1] > 13000
+  # std error of the std estimate is ~1/sqrt(2P) < 0.7%, so 3% is > 4 sd.
   np.testing.assert_allclose(noise_2xP.std(1), sigma * clip_norm, rtol=0.03)
   np.testing.assert_allclose(noise_2xP.mean(1), 0, atol=0.1 * sigma)
   assert abs(np.corrcoef(noise_2xP)[0, 1]) < 0.05
