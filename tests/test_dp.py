@@ -77,18 +77,20 @@ def test_chunked_sum_equals_the_whole_batch(chunk_size, head_size):
   # prefixes of 0 to 11 rows, and a mask with holes.
   masks_MxB = jnp.stack([jnp.arange(11) < b for b in (0, 3, 5, 11)] +
                         [jnp.arange(11) % 3 == 1])
-  loss_sums_M, sums = jax.jit(jax.vmap(lambda m: dp.chunked_clipped_grad_sum(
-      model.apply, params, x_N, y_N, idx_B, m, 1.0, chunk_size,
-      head_size)))(masks_MxB)
   losses_MxB, expected, _ = jax.vmap(lambda m: dp.clipped_grad_sum(
       model.apply, params, x_N[idx_B], y_N[idx_B], m, 1.0))(masks_MxB)
-  np.testing.assert_allclose(
-      loss_sums_M, jnp.sum(jnp.where(masks_MxB, losses_MxB, 0), 1),
-      rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-6),
-               sums, expected)
-  assert all(np.all(np.asarray(g)[0] == 0) for g in jax.tree.leaves(sums))
+  for method in ("ghost", "naive"):
+    loss_sums_M, sums = jax.jit(jax.vmap(
+        lambda m, method=method: dp.chunked_clipped_grad_sum(
+            model.apply, params, x_N, y_N, idx_B, m, 1.0, chunk_size,
+            head_size, method)))(masks_MxB)
+    np.testing.assert_allclose(
+        loss_sums_M, jnp.sum(jnp.where(masks_MxB, losses_MxB, 0), 1),
+        rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                         atol=1e-6),
+                 sums, expected)
+    assert all(np.all(np.asarray(g)[0] == 0) for g in jax.tree.leaves(sums))
 
 
 def test_each_example_moves_the_sum_by_at_most_c():
