@@ -7,6 +7,7 @@ benchmarks and tests call them directly.
 import dataclasses
 from typing import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,23 +38,44 @@ class ScenarioResult:
             (correct * evaluation).sum(1) / evaluation.sum(1))
 
 
-def make_trainer(model, config: train.TrainConfig, len_training: int
-                ) -> train.Trainer:
+def make_trainer(model, config: train.TrainConfig, len_training: int,
+                 unroll: bool = False) -> train.Trainer:
   """The trainer for one recipe."""
   sampler = train.EpochShuffle(len_training, config.batch_size)
   return train.Trainer(
-      model, train.make_optimizer(config, sampler.steps_per_epoch), sampler)
+      model, train.make_optimizer(config, sampler.steps_per_epoch), sampler,
+      unroll=unroll)
 
 
 def train_models(model, config: train.TrainConfig, dataset: Dataset,
-                 challenge: challenge_lib.Challenge, log: Log | None = print):
-  """Trains every model of the challenge together; returns stacked params."""
-  trainer = make_trainer(model, config, challenge.train_KxT.shape[1])
-  state = trainer.init(train.model_keys(challenge.seeds_Kx3),
-                       jnp.asarray(dataset.x[0]))
-  state = train.train(trainer, state, challenge.train_KxT, dataset.x,
-                      dataset.y, config.epochs, log=log)
-  return state.params
+                 challenge: challenge_lib.Challenge, log: Log | None = print,
+                 chunk_size: int | None = None, unroll: bool = False):
+  """Trains every model of the challenge; returns stacked params.
+
+  Args:
+    model: flax module.
+    config: the training recipe.
+    dataset: the pool.
+    challenge: the splits; one model per row.
+    log: progress messages, or None.
+    chunk_size: models trained together per compiled run (default: all). A
+      model's result does not depend on its chunk; on CPU, CNNs train faster
+      one at a time than vmapped (XLA lowers them to grouped convolutions).
+    unroll: unroll each epoch's steps (see `train.Trainer`).
+  """
+  trainer = make_trainer(model, config, challenge.train_KxT.shape[1], unroll)
+  keys_K = train.model_keys(challenge.seeds_Kx3)
+  chunk_size = chunk_size or challenge.num_models
+  parts = []
+  for start in range(0, challenge.num_models, chunk_size):
+    stop = min(start + chunk_size, challenge.num_models)
+    if log and chunk_size < challenge.num_models:
+      log(f"models {start}..{stop - 1} of {challenge.num_models}")
+    state = trainer.init(keys_K[start:stop], jnp.asarray(dataset.x[0]))
+    state = train.train(trainer, state, challenge.train_KxT[start:stop],
+                        dataset.x, dataset.y, config.epochs, log=log)
+    parts.append(state.params)
+  return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *parts)
 
 
 def attack_scores(observations: attacks_lib.Observations,
@@ -68,7 +90,8 @@ def attack_scores(observations: attacks_lib.Observations,
 def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
                  num_models: int, seed: int, attack_names: Sequence[str],
                  queries: Sequence[stats.Query], shadows: str = "all",
-                 log: Log | None = print) -> ScenarioResult:
+                 log: Log | None = print, chunk_size: int | None = None,
+                 unroll: bool = False) -> ScenarioResult:
   """Builds the challenge, trains, computes statistics and runs the attacks.
 
   Args:
@@ -82,12 +105,15 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
     shadows: "all" (every other model is a shadow) or "train" (only MICO's
       train-phase models, whose membership MICO reveals).
     log: progress messages, or None.
+    chunk_size: models trained together (see `train_models`).
+    unroll: unroll each epoch's training steps (see `train.Trainer`).
   """
   challenge = challenge_lib.make_challenge(
       len(dataset), task.len_training, task.len_challenge,
       challenge_lib.make_seeds(seed, num_models))
   model = task.make_model(dataset.num_classes)
-  params = train_models(model, config, dataset, challenge, log)
+  params = train_models(model, config, dataset, challenge, log, chunk_size,
+                        unroll)
   if log:
     log(f"statistics pass: {num_models} models x {len(dataset)} points x"
         f" {len(queries)} queries")
