@@ -38,6 +38,11 @@ _LEN_TRAINING = flags.DEFINE_integer(
 _LEN_CHALLENGE = flags.DEFINE_integer(
     "len_challenge", None, "Member challenges per model, m; there are as many"
     " non-members (default: the task's).", lower_bound=1)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Folder with the task's data files (cifar10/"
+    "cifar10_jpeg.npz, sst2/{train,dev}.tsv, location/bangkok,"
+    " purchase100/dataset_purchase). Unset: CIFAR-10 and SST-2 come from"
+    " TFDS's prepared data; the tabular tasks need it.")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of every challenge seed.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Output folder.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the recipe's epochs.",
@@ -115,7 +120,7 @@ def run(log=print) -> dict:
       len_challenge=_LEN_CHALLENGE.value or task.len_challenge)
   num_models = _NUM_MODELS.value or task.default_models
   log(f"loading {task.name}")
-  dataset = task.load()
+  dataset = task.load(_DATA_DIR.value)
   challenge.check_sizes(len(dataset), task.len_training, task.len_challenge)
   queries = stats.default_queries(dataset, _QUERY_SHIFT.value)
   all_scores, panels = {}, {}
@@ -129,7 +134,8 @@ def run(log=print) -> dict:
         f" {config.optimizer} lr {config.learning_rate})")
     start = time.perf_counter()
     result = run_scenario(task, config, dataset, num_models, _SEED.value,
-                          _ATTACKS.value, queries, _SHADOWS.value, log)
+                          _ATTACKS.value, queries, _SHADOWS.value, log,
+                          task.train_chunk, task.unroll)
     train_acc, eval_acc = _write_models_csv(
         os.path.join(workdir, scenario, "models.csv"), result)
     log(f"[{scenario}] accuracy: train {train_acc.mean():.4f}, evaluation"
