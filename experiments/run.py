@@ -7,7 +7,8 @@ writes, under --workdir:
   roc.png                     log-log ROC curves, one panel per scenario
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
   bundle/<scenario>/<phase>/model_<i>/  MICO's layout: seeds, solution.csv,
-                              prediction.csv (scores of --submit_attack in [0, 1])
+                              prediction.csv (scores of --submit_attack in [0, 1]),
+                              epsilon (ε spent, DP scenarios only)
 scores.json is written last: a run that stops early leaves none.
 """
 
@@ -21,7 +22,7 @@ import time
 from absl import app
 from absl import flags
 
-from mico_jax import attacks, challenge, data, report, scoring, stats
+from mico_jax import attacks, challenge, data, dp, report, scoring, stats
 from mico_jax.pipeline import run_scenario
 from mico_jax.tasks import TASKS
 
@@ -55,6 +56,13 @@ _SUBMIT = flags.DEFINE_string(
 _SHADOWS = flags.DEFINE_enum(
     "shadows", "all", ["all", "train"], "Shadow models: every other model, or"
     " only MICO's train phase (whose membership MICO reveals).")
+_EPSILON = flags.DEFINE_float(
+    "epsilon", None, "Override the target epsilon of the DP scenarios.")
+_DELTA = flags.DEFINE_float(
+    "delta", None, "Override the delta of the DP scenarios (MICO: 1e-5).")
+_CLIP_NORM = flags.DEFINE_float(
+    "clip_norm", None, "Override the DP scenarios' per-example clipping norm"
+    " C (MICO: 2.6).")
 _QUERY_SHIFT = flags.DEFINE_integer(
     "query_shift", 1, "Pixels of the shifted image queries (0: none).",
     lower_bound=0)
@@ -128,10 +136,19 @@ def run(log=print) -> dict:
     config = task.scenarios[scenario]
     if _EPOCHS.value:
       config = dataclasses.replace(config, epochs=_EPOCHS.value)
+    if config.dp is not None:
+      overrides = {name: flag.value for name, flag in (
+          ("epsilon", _EPSILON), ("delta", _DELTA), ("clip_norm", _CLIP_NORM))
+                   if flag.value is not None}
+      config = dataclasses.replace(
+          config, dp=dataclasses.replace(config.dp, **overrides))
     log(f"[{scenario}] training {num_models} models together on"
         f" {task.len_training} of {len(dataset)} {task.name} points"
         f" ({config.epochs} epochs, batch {config.batch_size},"
-        f" {config.optimizer} lr {config.learning_rate})")
+        f" {config.optimizer} lr {config.learning_rate}"
+        + (f"; DP-SGD to epsilon {config.dp.epsilon}, delta"
+           f" {config.dp.delta:g}, clip norm {config.dp.clip_norm}"
+           if config.dp else "") + ")")
     start = time.perf_counter()
     result = run_scenario(task, config, dataset, num_models, _SEED.value,
                           _ATTACKS.value, queries, _SHADOWS.value, log,
@@ -143,7 +160,7 @@ def run(log=print) -> dict:
         f" {time.perf_counter() - start:.1f}s)")
     predictions = scoring.to_unit_interval(result.scores_KxC[_SUBMIT.value])
     challenge.write_bundle(os.path.join(workdir, "bundle"), scenario,
-                           result.challenge, predictions)
+                           result.challenge, predictions, result.epsilon_K)
     all_scores[scenario] = result.metrics
     panels[scenario] = {name: (result.challenge.member_KxC, s)
                         for name, s in result.scores_KxC.items()}
@@ -162,7 +179,8 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   try:
     run()
-  except (UserError, data.DataError, challenge.ChallengeError) as e:
+  except (UserError, data.DataError, challenge.ChallengeError,
+          dp.DPError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -152,11 +152,14 @@ def model_dir(root: str, scenario: str, phase: str, model: int) -> str:
 
 
 def write_bundle(root: str, scenario: str, challenge: Challenge,
-                 predictions_KxC: np.ndarray | None = None) -> None:
+                 predictions_KxC: np.ndarray | None = None,
+                 epsilon_K: np.ndarray | None = None) -> None:
   """Writes MICO's layout for one scenario: seeds, solutions, predictions.
 
   Models are numbered globally (`train/model_0`, ..., `dev/model_<K/2>`, ...)
-  as in MICO. Predictions must already lie in [0, 1].
+  as in MICO. Predictions must already lie in [0, 1]. For DP models,
+  `epsilon_K` (ε spent by each model) goes into each model's `epsilon` file,
+  as MICO's training scripts write it.
   """
   if predictions_KxC is not None:
     predictions_KxC = np.asarray(predictions_KxC, np.float64)
@@ -177,6 +180,9 @@ def write_bundle(root: str, scenario: str, challenge: Challenge,
     if predictions_KxC is not None:
       np.savetxt(os.path.join(path, "prediction.csv"), predictions_KxC[k],
                  fmt="%.17g")
+    if epsilon_K is not None:
+      with open(os.path.join(path, "epsilon"), "w") as f:
+        f.write(f"{epsilon_K[k]:.3f}\n")
 
 
 def _read_int(path: str) -> int:

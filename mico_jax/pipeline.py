@@ -13,7 +13,7 @@ import numpy as np
 
 from mico_jax import attacks as attacks_lib
 from mico_jax import challenge as challenge_lib
-from mico_jax import scoring, stats, train
+from mico_jax import dp, scoring, stats, train
 from mico_jax.data import Dataset
 from mico_jax.tasks import Task
 
@@ -29,6 +29,8 @@ class ScenarioResult:
   stats: stats.Stats
   scores_KxC: dict[str, np.ndarray]  # attack -> raw scores of challenge points
   metrics: dict[str, dict[str, float]]  # attack -> MICO metrics
+  mechanism: dp.Mechanism | None = None  # DP-SGD's parameters, if DP
+  epsilon_K: np.ndarray | None = None  # ε spent by each model, if DP
 
   def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-model accuracy on its training and its evaluation points."""
@@ -40,11 +42,21 @@ class ScenarioResult:
 
 def make_trainer(model, config: train.TrainConfig, len_training: int,
                  unroll: bool = False) -> train.Trainer:
-  """The trainer for one recipe."""
-  sampler = train.EpochShuffle(len_training, config.batch_size)
+  """The trainer for one recipe: shuffled epochs, or DP-SGD if `config.dp`."""
+  if config.dp is None:
+    sampler = train.EpochShuffle(len_training, config.batch_size)
+    gradient_fn = train.mean_gradient
+  else:
+    mechanism = dp.calibrate(config.dp, len_training, config.batch_size,
+                             config.epochs)
+    sampler = dp.PoissonSampler(len_training, mechanism.sample_rate,
+                                mechanism.capacity)
+    gradient_fn = dp.DPGradient(mechanism.clip_norm,
+                                mechanism.noise_multiplier,
+                                mechanism.expected_batch_size)
   return train.Trainer(
       model, train.make_optimizer(config, sampler.steps_per_epoch), sampler,
-      unroll=unroll)
+      gradient_fn, unroll)
 
 
 def train_models(model, config: train.TrainConfig, dataset: Dataset,
@@ -112,8 +124,24 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
       len(dataset), task.len_training, task.len_challenge,
       challenge_lib.make_seeds(seed, num_models))
   model = task.make_model(dataset.num_classes)
+  mechanism = epsilon_K = None
+  if config.dp is not None:
+    mechanism = dp.calibrate(config.dp, task.len_training, config.batch_size,
+                             config.epochs)
+    if log:
+      log(f"DP-SGD: sample rate {mechanism.sample_rate:.4g} (expected batch"
+          f" {mechanism.expected_batch_size:.1f}, capacity"
+          f" {mechanism.capacity}), {mechanism.steps} steps, clip norm"
+          f" {mechanism.clip_norm}, noise multiplier"
+          f" {mechanism.noise_multiplier:.4f}")
   params = train_models(model, config, dataset, challenge, log, chunk_size,
                         unroll)
+  if mechanism is not None:
+    # Every model takes the same steps with the same σ and q.
+    epsilon_K = np.full(num_models, mechanism.epsilon())
+    if log:
+      log(f"DP-SGD: each model spent epsilon = {epsilon_K[0]:.4f} at delta ="
+          f" {mechanism.delta:g} (target {config.dp.epsilon})")
   if log:
     log(f"statistics pass: {num_models} models x {len(dataset)} points x"
         f" {len(queries)} queries")
@@ -127,4 +155,5 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
   scores = attack_scores(observations, challenge, attack_names)
   metrics = {name: scoring.score(challenge.member_KxC, s)
              for name, s in scores.items()}
-  return ScenarioResult(challenge, params, observed, scores, metrics)
+  return ScenarioResult(challenge, params, observed, scores, metrics,
+                        mechanism, epsilon_K)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mico_jax.dp import DPConfig
+
 PyTree = Any
 
 
@@ -29,6 +31,8 @@ class TrainConfig:
 
   The learning rate decays by `decay_rate` every `decay_every` epochs
   (PyTorch's StepLR; `decay_every=1` is ExponentialLR); 0 keeps it constant.
+  With `dp` set, training is DP-SGD: Poisson batches of expected size
+  `batch_size` (see `mico_jax.dp`).
   """
 
   optimizer: str = "adam"
@@ -38,6 +42,7 @@ class TrainConfig:
   epochs: int = 30
   decay_every: int = 0
   decay_rate: float = 1.0
+  dp: DPConfig | None = None
 
   def __post_init__(self):
     if self.optimizer not in ("adam", "sgd"):

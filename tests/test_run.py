@@ -20,11 +20,17 @@ def _run(*args, timeout=300):
 def test_small_run_writes_scores_bundle_and_plot(tmp_path):
   workdir = tmp_path / "out"
   proc = _run(f"--workdir={workdir}", "--num_models=4", "--epochs=2",
-              "--attacks=loss,lira_online")
+              "--attacks=loss,lira_online", "--scenario=inf,lo")
   assert proc.returncode == 0, proc.stderr
   assert "epoch 2/2" in proc.stdout
   scores = json.loads((workdir / "scores.json").read_text())
-  assert set(scores) == {"inf"}
+  assert set(scores) == {"inf", "lo"}
+  # DP models carry MICO's epsilon file: the budget spent, at the target.
+  spent = float((workdir / "bundle" / "lo" / "dev" / "model_2" /
+                 "epsilon").read_text())
+  assert 3.95 <= spent <= 4.0
+  assert not (workdir / "bundle" / "inf" / "dev" / "model_2" /
+              "epsilon").exists()
   assert set(scores["inf"]) == {"loss", "lira_online"}
   assert set(scores["inf"]["loss"]) == {
       "TPR_FPR_10", "TPR_FPR_100", "TPR_FPR_500", "TPR_FPR_1000",
@@ -47,6 +53,9 @@ def test_small_run_writes_scores_bundle_and_plot(tmp_path):
     (["--len_challenge=899"], "only 1797"),
     (["--workdir=/dev/null/sub"], "not writable"),
     (["--submit_attack=lira_online", "--attacks=loss"], "--submit_attack"),
+    (["--scenario=lo", "--epsilon=0"], "epsilon must be"),
+    (["--scenario=hi", "--delta=1"], "delta must lie in (0, 1)"),
+    (["--scenario=lo", "--clip_norm=-2.6"], "clip_norm must be"),
 ])
 def test_bad_input_gets_one_line_error(args, message, tmp_path):
   if not any(a.startswith("--workdir") for a in args):

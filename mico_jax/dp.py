@@ -1,0 +1,448 @@
+"""DP-SGD for a stack of models: Poisson batches, clipped per-example gradients, noise.
+
+One DP-SGD step of one model (vmapped over K models by the `Trainer`):
+  1. `PoissonSampler`: each of the model's n training points joins the batch
+     independently with probability q; the batch is padded to a fixed
+     `capacity` with a mask, so shapes are static.
+  2. `clipped_grad_sum`: each example's gradient is scaled to L2 norm <= C and
+     the results summed, without materialising per-example gradients for dense
+     and convolution layers ("ghost norms", below).
+  3. `DPGradient`: adds N(0, σ²C²) to every coordinate, from the model's own
+     per-step key, and divides by the *expected* batch size q·n (as Opacus
+     does), so any optax optimizer then applies the update.
+`calibrate` turns a `DPConfig` (ε, δ, C) and a recipe into q, steps, capacity
+and σ, using `mico_jax.accounting` (dp-accounting's PLD accountant).
+
+Ghost norms. For a dense layer z = a W + b with input a_b `[P, I]` and output
+gradient g_b = ∂loss_b/∂z_b `[P, O]` (P positions; 1 for an MLP), the
+per-example weight gradient is a_bᵀ g_b, so its squared norm is
+||a_b||²·||g_b||² when P = 1 and <a_b a_bᵀ, g_b g_bᵀ> in general (or
+||a_bᵀ g_b||² when that is cheaper); the bias gradient is Σ_p g_bp. A
+convolution is a dense layer on its unfolded input patches. The g_b come from
+one backward pass to zero perturbations added to each layer's output (flax
+method interception, so models need no hooks). The clipped sum of weight
+gradients is then Σ_b w_b a_bᵀ g_b with w_b = min(1, C/||grad_b||): one
+vector-Jacobian product per layer with the reweighted g, reusing the forward
+pass, so a DP step costs about one plain step. Parameters outside `nn.Dense`
+and `nn.Conv` layers (or in layers called in unsupported ways) fall back to
+per-example gradients by `vmap(grad)`, for those parameters only. Both paths
+assume each example's output depends on that example alone (no batch norm) and
+that a covered layer's parameters are used only through its `__call__`.
+
+Truncation. Batches that would exceed `capacity` keep their first `capacity`
+points in list order. `calibrate` sizes the capacity so that an overflow
+anywhere in training has probability p with (1 + e^ε)·p <= 1e-3·δ, and
+accounts for it with the generic bound (`accounting.delta_with_overflow`):
+σ is calibrated to δ' = δ − (1 + e^ε)·p, so the truncated mechanism is
+(ε, δ)-DP. (dp-accounting's exact truncated event assumes a uniformly random
+truncation, which the sampler below does not do.)
+"""
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+from flax import traverse_util
+from flax.linen import linear
+import jax
+import jax.numpy as jnp
+import optax
+
+from mico_jax import accounting
+
+PyTree = Any
+
+# Share of δ spent on the (generic-bound) chance that a batch overflows.
+OVERFLOW_DELTA_SHARE = 1e-3
+
+
+class DPError(ValueError):
+  """Privacy parameters that cannot work; the message says which and why."""
+
+
+def _check(name: str, value, ok: Callable[[float], bool], want: str) -> None:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
+      not ok(value)):
+    raise DPError(f"{name} must be {want}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+  """The privacy of a DP-SGD recipe: target (ε, δ) and clipping norm C.
+
+  MICO: ε = 10 (`hi`) or 4 (`lo`), δ = 1e-5, C = 2.6.
+  """
+
+  epsilon: float
+  delta: float = 1e-5
+  clip_norm: float = 2.6
+
+  def __post_init__(self):
+    try:
+      accounting.validate_dp(self.epsilon, self.delta, self.clip_norm)
+    except ValueError as e:
+      raise DPError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Mechanism:
+  """DP-SGD's parameters for one recipe on n training points, as accounted.
+
+  Attributes:
+    dataset_size: n, each model's training points.
+    sample_rate: q = 1 / steps per epoch (MICO's choice, not batch / n).
+    steps: DP-SGD steps the recipe takes.
+    capacity: padded batch size.
+    clip_norm: C.
+    noise_multiplier: σ; the noise standard deviation is σC.
+    delta: the target δ, overflow included.
+    poisson_delta: δ' at which the untruncated mechanism is accounted.
+  """
+
+  dataset_size: int
+  sample_rate: float
+  steps: int
+  capacity: int
+  clip_norm: float
+  noise_multiplier: float
+  delta: float
+  poisson_delta: float
+
+  @property
+  def expected_batch_size(self) -> float:
+    return self.sample_rate * self.dataset_size
+
+  def epsilon(self, steps: int | None = None) -> float:
+    """ε spent after `steps` steps (default: all), at `delta`."""
+    return accounting.epsilon(self.noise_multiplier, self.poisson_delta,
+                              self.sample_rate, steps or self.steps)
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate(config: DPConfig, dataset_size: int, batch_size: int,
+              epochs: int) -> Mechanism:
+  """Sample rate, steps, capacity and σ for a recipe, as MICO sets them.
+
+  MICO (Opacus): q = 1 / ceil(n / batch_size), steps = epochs / q, and the
+  expected batch size q·n. σ comes from the PLD accountant; cached, since it
+  takes seconds at MICO's sizes.
+
+  Args:
+    config: target ε, δ and C.
+    dataset_size: n, each model's training points.
+    batch_size: the recipe's (expected) batch size.
+    epochs: the recipe's epochs.
+
+  Raises:
+    DPError: if no σ reaches the target.
+  """
+  steps_per_epoch = math.ceil(dataset_size / batch_size)
+  sample_rate = 1 / steps_per_epoch
+  steps = epochs * steps_per_epoch
+  eps, delta = config.epsilon, config.delta
+  try:
+    # Overflow budget p with (1 + e^ε) p <= share·δ, in logs for large ε.
+    log_budget = (math.log(OVERFLOW_DELTA_SHARE * delta) - eps -
+                  math.log1p(math.exp(-eps)))
+    capacity = accounting.batch_capacity(
+        dataset_size, sample_rate, steps, max(math.exp(log_budget), 1e-300))
+    overflow = accounting.overflow_probability(dataset_size, sample_rate,
+                                               steps, capacity)
+    extra = accounting.delta_with_overflow(eps, delta / 2, overflow) - delta / 2
+    if extra > OVERFLOW_DELTA_SHARE * delta:  # float limits at a huge ε
+      capacity, extra = dataset_size, 0.0
+    poisson_delta = delta - extra
+    sigma = accounting.noise_multiplier(eps, poisson_delta, sample_rate, steps)
+  except ValueError as e:
+    raise DPError(f"cannot calibrate DP-SGD to (epsilon={eps}, delta={delta})"
+                  f" with q={sample_rate:.4g} over {steps} steps: {e}") from e
+  return Mechanism(dataset_size, sample_rate, steps, capacity,
+                   config.clip_norm, sigma, delta, poisson_delta)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoissonSampler:
+  """Poisson sampling of one model's training list, padded to `capacity`.
+
+  Each step, every position of the list joins the batch independently with
+  probability `sample_rate`. The positions are drawn as running sums of
+  geometric gaps (a Bernoulli process sampled by its gaps): exactly Poisson
+  sampling, up to float32 resolution of the uniforms (as `rand(n) < q` in
+  Opacus), at O(capacity) cost per step instead of O(n) coin flips or an
+  O(n log n) shuffle. Stateless: each step uses the step's key.
+
+  Attributes:
+    num_points: n, the length of the training list.
+    sample_rate: q, in (0, 1].
+    capacity: padded batch size; beyond it the lowest positions are kept.
+  """
+
+  num_points: int
+  sample_rate: float
+  capacity: int
+
+  def __post_init__(self):
+    _check("sample_rate", self.sample_rate, lambda v: 0 < v <= 1, "in (0, 1]")
+    _check("num_points", self.num_points, lambda v: v >= 1, ">= 1")
+    _check("capacity", self.capacity, lambda v: v >= 1, ">= 1")
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Steps in which each point is sampled once on average."""
+    return max(1, round(1 / self.sample_rate))
+
+  def init(self, key: jax.Array) -> tuple[()]:
+    del key
+    return ()
+
+  def sample(self, state, key, step):
+    u = jax.random.uniform(jax.random.fold_in(key, step), (self.capacity,))
+    # Inverse CDF of Geometric(q) on {1, 2, ...}; q = 1 gives gaps of 1.
+    gaps = jnp.floor(jnp.log1p(-u) / jnp.log1p(-self.sample_rate)) + 1
+    # Any gap past the end is as good as n + 1; clipping keeps int32 safe.
+    end = self.num_points + 1
+    gaps = jnp.minimum(gaps, end).astype(jnp.int32)
+    # Saturating running sum: past the end is past the end, with no overflow.
+    ends = jax.lax.associative_scan(
+        lambda a, b: jnp.minimum(a + b, end), gaps)
+    positions = ends - 1
+    mask = positions < self.num_points
+    return state, jnp.where(mask, positions, 0), mask
+
+
+# Ghost norms.
+
+
+class _Call(NamedTuple):
+  """One call of a dense or convolution layer during the forward pass."""
+
+  path: tuple[str, ...]
+  module: nn.Module  # unbound copy, to re-apply the layer alone
+  supported: bool
+
+
+def _as_tuple(value, rank: int, default: int = 1) -> tuple[int, ...]:
+  if value is None:
+    return (default,) * rank
+  if isinstance(value, int):
+    return (value,) * rank
+  return tuple(value)
+
+
+def _conv_padding(module: nn.Conv, rank: int):
+  padding = linear.canonicalize_padding(module.padding, rank)
+  return padding if padding in ("SAME", "VALID") or not isinstance(
+      padding, str) else None
+
+
+def _supported(module: nn.Module, inputs: jax.Array, batch: int) -> bool:
+  if inputs.ndim < 2 or inputs.shape[0] != batch:
+    return False
+  if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
+    return True
+  rank = len(_as_tuple(module.kernel_size, 1))
+  return (inputs.ndim == rank + 2 and module.feature_group_count == 1 and
+          module.mask is None and _conv_padding(module, rank) is not None)
+
+
+def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
+                  perturbs: list[jax.Array] | None, calls: list[_Call]):
+  """Applies the model, recording each dense/conv call's input and output.
+
+  The i-th such call's output gets `perturbs[i]` added, so the gradient with
+  respect to `perturbs` is the loss gradient with respect to layer outputs.
+  Appends one `_Call` per call to `calls`.
+  """
+  inputs, outputs = [], []
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or
+        type(module) not in (nn.Dense, nn.Conv)):
+      return next_fun(*args, **kwargs)
+    out = next_fun(*args, **kwargs)
+    if perturbs is not None:
+      out = out + perturbs[len(outputs)]
+    layer_input = args[0] if args else kwargs["inputs"]
+    calls.append(_Call(module.path, module.clone(parent=None),
+                       _supported(module, layer_input, x.shape[0])))
+    inputs.append(layer_input)
+    outputs.append(out)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    logits = apply_fn(params, x)
+  return logits, inputs, outputs
+
+
+def _unfold(module: nn.Module, inputs: jax.Array) -> jax.Array:
+  """A layer's input as `[B, P, D]`: positions x features that meet the kernel."""
+  batch = inputs.shape[0]
+  if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
+    return inputs.reshape(batch, -1, inputs.shape[-1])
+  kernel = _as_tuple(module.kernel_size, 1)
+  rank = len(kernel)
+  spatial = "DHW"[-rank:] if rank <= 3 else None
+  patches = jax.lax.conv_general_dilated_patches(
+      inputs, kernel, _as_tuple(module.strides, rank),
+      _conv_padding(module, rank),
+      lhs_dilation=_as_tuple(module.input_dilation, rank),
+      rhs_dilation=_as_tuple(module.kernel_dilation, rank),
+      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+  return patches.reshape(batch, -1, patches.shape[-1])
+
+
+def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
+  """Squared norms of the per-example kernel gradients a_bᵀ g_b, cheaply."""
+  _, p, d = a_BxPxD.shape
+  o = g_BxPxO.shape[-1]
+  if p == 1:
+    return (jnp.sum(a_BxPxD ** 2, (1, 2)) * jnp.sum(g_BxPxO ** 2, (1, 2)))
+  if p * (d + o) <= d * o:
+    gram_a = jnp.einsum("bpd,bqd->bpq", a_BxPxD, a_BxPxD)
+    gram_g = jnp.einsum("bpo,bqo->bpq", g_BxPxO, g_BxPxO)
+    return jnp.sum(gram_a * gram_g, (1, 2))
+  return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO) ** 2, (1, 2))
+
+
+def _per_example_losses(apply_fn, params, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x),
+                                                         y)
+
+
+def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
+                     y: jax.Array, mask: jax.Array, clip_norm: float,
+                     method: str = "ghost"
+                     ) -> tuple[jax.Array, PyTree, jax.Array]:
+  """Σ_b mask_b · clip(∇loss_b, C) for one model, and the norms it clipped.
+
+  Args:
+    apply_fn: `(params, x_Bx...) -> logits_BxC`, e.g. `model.apply`.
+    params: one model's variables.
+    x: inputs `[B, ...]`.
+    y: integer labels `[B]`.
+    mask: bool `[B]`; masked examples contribute nothing.
+    clip_norm: C.
+    method: "ghost" (ghost norms where layers allow, `vmap(grad)` elsewhere)
+      or "naive" (`vmap(grad)` everywhere; the reference).
+
+  Returns:
+    (per-example losses `[B]`, the clipped sum shaped like `params`,
+    per-example gradient norms `[B]` before clipping).
+  """
+  if method not in ("ghost", "naive"):
+    raise ValueError(f"method must be 'ghost' or 'naive', got {method!r}")
+  batch = x.shape[0]
+  calls, inputs, g_outputs = [], [], []
+  losses_B = None
+  if method == "ghost":
+    _, _, out_shapes = jax.eval_shape(
+        lambda p, x: _tapped_apply(apply_fn, p, x, None, calls), params, x)
+
+    def loss_sum(perturbs):
+      logits, layer_inputs, _ = _tapped_apply(apply_fn, params, x, perturbs,
+                                              [])
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      # Examples are independent, so ∂(Σ loss)/∂z_b = ∂loss_b/∂z_b.
+      return losses.sum(), (losses, layer_inputs)
+
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
+    (_, (losses_B, inputs)), g_outputs = jax.value_and_grad(
+        loss_sum, has_aux=True)(zeros)
+
+  # A layer is covered only if every call of it is supported.
+  unsupported = {c.path for c in calls if not c.supported}
+  by_path: dict[tuple[str, ...], list[int]] = {}
+  for i, c in enumerate(calls):
+    if c.path not in unsupported:
+      by_path.setdefault(c.path, []).append(i)
+
+  norm_sq_B = jnp.zeros(batch, jnp.float32)
+  for path, idx in by_path.items():
+    module = calls[idx[0]].module
+    a = jnp.concatenate([_unfold(module, inputs[i]) for i in idx], 1)
+    g = jnp.concatenate([g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1])
+                         for i in idx], 1)
+    norm_sq_B += _kernel_norm_sq(a, g)
+    if module.use_bias:
+      norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
+
+  # The rest by per-example gradients: `vmap(grad)` over those leaves only.
+  flat = traverse_util.flatten_dict(params)
+  covered = {("params",) + path for path in by_path}
+  rest = {k: v for k, v in flat.items() if k[:-1] not in covered}
+  if rest:
+    def loss_one(rest_params, x_one, y_one):
+      full = traverse_util.unflatten_dict({**flat, **rest_params})
+      return _per_example_losses(apply_fn, full, x_one[None], y_one[None])[0]
+
+    rest_losses, rest_grads_B = jax.vmap(
+        jax.value_and_grad(loss_one), in_axes=(None, 0, 0))(rest, x, y)
+    losses_B = rest_losses if losses_B is None else losses_B
+    norm_sq_B += sum(jnp.sum(g.reshape(batch, -1) ** 2, 1)
+                     for g in rest_grads_B.values())
+
+  norm_B = jnp.sqrt(norm_sq_B)
+  weight_B = jnp.where(mask, jnp.minimum(
+      1.0, clip_norm / jnp.maximum(norm_B, 1e-30)), 0.0)
+
+  grads = {k: jnp.tensordot(weight_B, g, 1) for k, g in (
+      rest_grads_B.items() if rest else ())}
+  for path, idx in by_path.items():
+    layer_params = params["params"]
+    for name in path:
+      layer_params = layer_params[name]
+    total = None
+    for i in idx:
+      g = g_outputs[i]
+      scaled = g * weight_B.reshape((batch,) + (1,) * (g.ndim - 1))
+      module = calls[i].module
+      _, vjp = jax.vjp(lambda p, a=inputs[i], m=module: m.apply(
+          {"params": p}, a), layer_params)
+      layer_grads = vjp(scaled)[0]
+      total = layer_grads if total is None else jax.tree.map(
+          jnp.add, total, layer_grads)
+    for name, leaf in traverse_util.flatten_dict(total).items():
+      grads[("params",) + path + name] = leaf
+  return losses_B, traverse_util.unflatten_dict(grads), norm_B
+
+
+def add_noise(grads: PyTree, key: jax.Array, stddev: float) -> PyTree:
+  """`grads` plus independent N(0, stddev²) on every coordinate."""
+  leaves, treedef = jax.tree.flatten(grads)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      g + stddev * jax.random.normal(k, g.shape, g.dtype)
+      for g, k in zip(leaves, keys)])
+
+
+@dataclasses.dataclass(frozen=True)
+class DPGradient:
+  """DP-SGD's gradient, with `train.mean_gradient`'s signature.
+
+  `(apply_fn, params, x, y, mask, key) -> (mean loss, (Σ clipped + noise) /
+  expected batch size)`; the result feeds any optax optimizer.
+
+  Attributes:
+    clip_norm: C.
+    noise_multiplier: σ; noise N(0, σ²C²) per coordinate.
+    expected_batch_size: q·n, the divisor (fixed, so the noise scale is).
+    method: "ghost" or "naive" (see `clipped_grad_sum`).
+  """
+
+  clip_norm: float
+  noise_multiplier: float
+  expected_batch_size: float
+  method: str = "ghost"
+
+  def __call__(self, apply_fn: Callable, params: PyTree, x: jax.Array,
+               y: jax.Array, mask: jax.Array, key: jax.Array
+               ) -> tuple[jax.Array, PyTree]:
+    losses_B, grads, _ = clipped_grad_sum(apply_fn, params, x, y, mask,
+                                          self.clip_norm, self.method)
+    noisy = add_noise(grads, key, self.noise_multiplier * self.clip_norm)
+    loss = jnp.sum(jnp.where(mask, losses_B, 0)) / jnp.maximum(mask.sum(), 1)
+    return loss, jax.tree.map(lambda g: g / self.expected_batch_size, noisy)
