@@ -75,10 +75,14 @@ class CNN(nn.Module):
 
 
 class BagOfEmbeddings(nn.Module):
-  """Text encoder: token embeddings, mean- and max-pooled over real tokens.
+  """Text encoder: the mean of the embeddings of the real (non-padding) tokens.
 
-  Maps int32 token ids `[B, L]` (0 = padding) to features `[B, 2 * dim]`.
-  Padding is masked out of both poolings, so appending padding changes nothing.
+  Maps int32 token ids `[B, L]` (0 = padding, ids < `vocab_size`) to features
+  `[B, dim]`. The mean is computed as a dense layer (the embedding table) on
+  each text's normalised bag of words `[B, vocab_size]`: the same numbers as
+  an embedding lookup, but DP-SGD's ghost norms cover a dense layer with one
+  position cheaply, while an `nn.Embed` would need per-example gradients of
+  the whole table.
   """
 
   vocab_size: int
@@ -86,17 +90,14 @@ class BagOfEmbeddings(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    mask_BxL = (tokens_BxL != 0).astype(jnp.float32)
+    rows_Bx1 = jnp.arange(tokens_BxL.shape[0])[:, None]
+    bag_BxV = jnp.zeros((tokens_BxL.shape[0], self.vocab_size)).at[
+        rows_Bx1, tokens_BxL].add(mask_BxL)
+    bag_BxV /= jnp.maximum(mask_BxL.sum(1, keepdims=True), 1)
     # PyTorch's nn.Embedding initialises N(0, 1).
-    embed_BxLxD = nn.Embed(self.vocab_size, self.dim,
-                           embedding_init=nn.initializers.normal(1.0))(
-                               tokens_BxL)
-    mask_BxLx1 = (tokens_BxL != 0)[..., None]
-    count_Bx1 = jnp.maximum(mask_BxLx1.sum(1), 1)
-    mean_BxD = jnp.where(mask_BxLx1, embed_BxLxD, 0).sum(1) / count_Bx1
-    max_BxD = jnp.where(mask_BxLx1, embed_BxLxD, -jnp.inf).max(1)
-    # An all-padding text has no maximum; give it zeros, like its mean.
-    max_BxD = jnp.where(mask_BxLx1.any(1), max_BxD, 0)
-    return jnp.concatenate([mean_BxD, max_BxD], -1)
+    return nn.Dense(self.dim, use_bias=False,
+                    kernel_init=nn.initializers.normal(1.0))(bag_BxV)
 
 
 class TextClassifier(nn.Module):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import results_table
 from mico_jax import challenge, data, models, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +111,16 @@ def test_main_job_runs_location_from_data_dir(tmp_path):
   assert set(scores["inf"]) == {"loss", "lira_online"}
   assert 0 <= scores["inf"]["lira_online"]["AUC"] <= 1
   assert len((workdir / "inf" / "models.csv").read_text().splitlines()) == 5
+  run = json.loads((workdir / "inf" / "run.json").read_text())
+  assert run["command"].startswith("python -m experiments.run --task=")
+  assert (run["num_models"], run["pool_size"], run["len_training"],
+          run["len_challenge"]) == (4, 300, 150, 20)
+  assert run["config"]["epochs"] == 2 and run["epsilon"] is None
+  assert 0 <= run["eval_accuracy"] <= 1
+  table = results_table.markdown(results_table.load_runs(str(workdir)))
+  auc = scores["inf"]["lira_online"]["AUC"]
+  assert "| inf | lira_online | " in table and f"{auc:.3f} |" in table
+  assert "| inf | 4 | 300 | 150 | 20 | 2 | 512 |" in table
 
 
 @pytest.mark.parametrize("setup,message", [
