@@ -6,6 +6,8 @@ writes, under --workdir:
   scores.json                 {scenario: {attack: {MICO metric: value}}}
   roc.png                     log-log ROC curves, one panel per scenario
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
+  <scenario>/run.json         the command, sizes, recipe, mean accuracies, epsilon
+                              spent (DP) and seconds taken
   bundle/<scenario>/<phase>/model_<i>/  MICO's layout: seeds, solution.csv,
                               prediction.csv (scores of --submit_attack in [0, 1]),
                               epsilon (ε spent, DP scenarios only)
@@ -158,6 +160,18 @@ def run(log=print) -> dict:
     log(f"[{scenario}] accuracy: train {train_acc.mean():.4f}, evaluation"
         f" {eval_acc.mean():.4f} (mean of {num_models} models;"
         f" {time.perf_counter() - start:.1f}s)")
+    _write_json_atomically({
+        "command": " ".join(["python -m experiments.run", *sys.argv[1:]]),
+        "task": task.name, "scenario": scenario, "num_models": num_models,
+        "pool_size": len(dataset), "len_training": task.len_training,
+        "len_challenge": task.len_challenge, "num_queries": len(queries),
+        "config": dataclasses.asdict(config),
+        "train_accuracy": float(train_acc.mean()),
+        "eval_accuracy": float(eval_acc.mean()),
+        "epsilon": (None if result.epsilon_K is None else
+                    float(result.epsilon_K.max())),
+        "seconds": round(time.perf_counter() - start, 1),
+    }, os.path.join(workdir, scenario, "run.json"))
     predictions = scoring.to_unit_interval(result.scores_KxC[_SUBMIT.value])
     challenge.write_bundle(os.path.join(workdir, "bundle"), scenario,
                            result.challenge, predictions, result.epsilon_K)
