@@ -220,11 +220,12 @@ CIFAR10_CPU = Task(
 )
 
 # MICO's SST-2 track: train + validation pooled, n = 67,349 (a point is IN for
-# ~99% of models), batch 96, 3 epochs, constant lr, as MICO's. Differs: MICO
-# fine-tunes pretrained RoBERTa-base (lr 5e-5, BPE, 67 tokens); we cannot fetch
-# its weights, so a `BagOfEmbeddings` classifier over a word-level vocabulary
-# of 10,000 (64 tokens) is trained from scratch, with Adam at lr 1e-3.
-# `models.TextClassifier` takes a pretrained encoder in its place.
+# ~99% of models), 3 epochs at a constant lr, as MICO's: batch 96 without DP;
+# expected batch 1,024 and C = 0.1 with DP. Differs: MICO fine-tunes
+# pretrained RoBERTa-base (lr 5e-5, 5e-4 with DP; BPE, 67 tokens); we cannot
+# fetch its weights, so a `BagOfEmbeddings` classifier over a word-level
+# vocabulary of 10,000 (64 tokens) is trained from scratch, with Adam at lr
+# 1e-3. `models.TextClassifier` takes a pretrained encoder in its place.
 SST2 = Task(
     name="sst2",
     load=load_sst2,
@@ -233,16 +234,19 @@ SST2 = Task(
     pool_size=68_221,
     len_training=67_349,
     len_challenge=100,
-    scenarios={
-        "inf": TrainConfig(optimizer="adam", learning_rate=1e-3,
-                           batch_size=96, epochs=3),
-    },
+    scenarios=mico_scenarios(
+        inf=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=96,
+                        epochs=3),
+        dp_base=TrainConfig(optimizer="adam", learning_rate=1e-3,
+                            batch_size=1024, epochs=3),
+        clip_norm=0.1),
 )
 
 # SST-2 on 2 CPU cores. Differs from `sst2`: a seeded pool of 4,000 of the
 # 68,221 sentences with n = 2,000 (each point IN for ~50% of models, not ~99%:
 # with 99% there are almost no OUT shadows), batch 32 and 20 epochs so the
-# small model can memorise; 64 models.
+# small model can memorise; 64 models. With DP: expected batch 128 (q = 1/16)
+# for 10 epochs, Adam lr 1e-3, MICO's C = 0.1.
 SST2_CPU = Task(
     name="sst2_cpu",
     load=functools.partial(load_sst2, pool_size=4_000),
@@ -251,10 +255,12 @@ SST2_CPU = Task(
     pool_size=4_000,
     len_training=2_000,
     len_challenge=100,
-    scenarios={
-        "inf": TrainConfig(optimizer="adam", learning_rate=1e-3,
-                           batch_size=32, epochs=20),
-    },
+    scenarios=mico_scenarios(
+        inf=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=32,
+                        epochs=20),
+        dp_base=TrainConfig(optimizer="adam", learning_rate=1e-3,
+                            batch_size=128, epochs=10),
+        clip_norm=0.1),
     default_models=64,
 )
 
