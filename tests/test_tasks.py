@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import results_table
-from mico_jax import challenge, data, models, tasks
+from mico_jax import challenge, data, dp, models, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +62,23 @@ def test_text_model_ignores_padding_but_not_tokens():
   np.testing.assert_allclose(model.apply(params, padded), logits, rtol=1e-6)
   changed = tokens.at[0, 1].set(8)
   assert not np.allclose(model.apply(params, changed)[0], logits[0])
+
+
+def test_dp_clips_the_text_model_by_ghost_norms_exactly():
+  model = models.TextClassifier(2, models.BagOfEmbeddings(30, dim=4), (8,))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 30, size=(6, 7)) * (rng.random((6, 7)) < 0.7)
+  tokens = jnp.asarray(tokens, jnp.int32)
+  y = jnp.asarray(rng.integers(0, 2, 6), jnp.int32)
+  mask = jnp.array([True] * 5 + [False])
+  params = model.init(jax.random.key(0), tokens)
+  ghost = dp.clipped_grad_sum(model.apply, params, tokens, y, mask, 0.5)
+  naive = dp.clipped_grad_sum(model.apply, params, tokens, y, mask, 0.5,
+                              method="naive")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               ghost, naive)
+  assert (np.asarray(ghost[2]) > 0.5).any()  # Some examples were clipped.
 
 
 def test_subset_is_seeded_and_in_pool_order():
