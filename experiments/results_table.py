@@ -65,8 +65,11 @@ def markdown(runs: list[dict]) -> str:
         lines.append(f"| {r['scenario']} | {attack} | " + " | ".join(
             f"{metrics[key]:.3f}" for key, _ in METRICS) + " |")
     lines += ["", "Commands:", ""]
+    commands: dict[tuple[str, str], list[str]] = {}
     for r in task_runs:
-      lines.append(f"- {r['scenario']} (`{r['path']}`): `{r['command']}`")
+      commands.setdefault((r["path"], r["command"]), []).append(r["scenario"])
+    for (path, command), scenarios in commands.items():
+      lines.append(f"- {', '.join(scenarios)} (`{path}`): `{command}`")
     lines.append("")
   return "\n".join(lines)
 
