@@ -6,11 +6,11 @@ writes, under --workdir:
   scores.json                 {scenario: {attack: {MICO metric: value}}}
   roc.png                     log-log ROC curves, one panel per scenario
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
-  <scenario>/run.json         the command, sizes, recipe, mean accuracies, epsilon
-                              spent (DP) and seconds taken
+  <scenario>/run.json         the command, sizes, recipe, mean accuracies,
+                              epsilon spent (DP) and seconds taken
   bundle/<scenario>/<phase>/model_<i>/  MICO's layout: seeds, solution.csv,
-                              prediction.csv (scores of --submit_attack in [0, 1]),
-                              epsilon (ε spent, DP scenarios only)
+                              prediction.csv (scores of --submit_attack in
+                              [0, 1]), epsilon (ε spent, DP scenarios only)
 scores.json is written last: a run that stops early leaves none.
 """
 

@@ -44,7 +44,7 @@ def test_cnn_channels_set_every_layers_width():
   x = jnp.zeros((1, 32, 32, 3))
   count = lambda model: sum(
       leaf.size for leaf in jax.tree.leaves(model.init(jax.random.key(0), x)))
-  # conv k8 (3 -> c1), conv k3 (c1 -> c2), conv k3 (c2 -> c3), dense 25 c3 -> 10.
+  # conv k8 (3 -> c1), k3 (c1 -> c2), k3 (c2 -> c3), dense 25 c3 -> 10.
   expected = lambda c1, c2, c3: (8 * 8 * 3 * c1 + c1 + 9 * c1 * c2 + c2 +
                                  9 * c2 * c3 + c3 + 25 * c3 * 10 + 10)
   assert count(models.CNN(10)) == expected(128, 256, 256)
