@@ -8,10 +8,18 @@ writes, under --workdir:
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
   <scenario>/run.json         the command, sizes, recipe, mean accuracies,
                               epsilon spent (DP) and seconds taken
+  <scenario>/checkpoints/     orbax training states (every --checkpoint_every
+                              steps and at the end); a rerun resumes from them
+  <scenario>/trained/         final params and statistics (npz); a rerun
+                              with the same configuration reuses them
   bundle/<scenario>/<phase>/model_<i>/  MICO's layout: seeds, solution.csv,
                               prediction.csv (scores of --submit_attack in
                               [0, 1]), epsilon (ε spent, DP scenarios only)
 scores.json is written last: a run that stops early leaves none.
+
+Models are sharded over all devices; with --coordinator_address (or
+JAX_COORDINATOR_ADDRESS) the job is one of several processes of a
+jax.distributed run, and only process 0 writes outputs and logs.
 """
 
 import dataclasses
@@ -23,9 +31,11 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
-from mico_jax import attacks, challenge, data, dp, report, scoring, stats
-from mico_jax.pipeline import run_scenario
+from mico_jax import attacks, challenge, checkpoint, data, dp, parallel
+from mico_jax import report, scoring, stats
+from mico_jax.pipeline import Execution, run_scenario
 from mico_jax.tasks import TASKS
 
 _TASK = flags.DEFINE_enum("task", "digits", sorted(TASKS), "MICO task to run.")
@@ -68,6 +78,27 @@ _CLIP_NORM = flags.DEFINE_float(
 _QUERY_SHIFT = flags.DEFINE_integer(
     "query_shift", 1, "Pixels of the shifted image queries (0: none).",
     lower_bound=0)
+_WAVE_SIZE = flags.DEFINE_integer(
+    "wave_size", None, "Train at most this many models at once, in waves (for"
+    " more models than memory holds); 0: all at once. Default: the task's"
+    " (all at once, but one at a time for CNNs on CPU).", lower_bound=0)
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 0, "Training steps between checkpoints; 0: only at the"
+    " end of training. Each distinct run of steps between an epoch end and a"
+    " checkpoint compiles once, so a divisor or multiple of the steps per"
+    " epoch is cheapest.", lower_bound=0)
+_ATTACKS_ONLY = flags.DEFINE_bool(
+    "attacks_only", False, "Rerun the attacks on the trained models and"
+    " statistics saved by an earlier run; never train.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process"
+    " run (default: $JAX_COORDINATOR_ADDRESS; unset: one process).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes of a multi-process run (default:"
+    " $JAX_NUM_PROCESSES).", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in a multi-process run"
+    " (default: $JAX_PROCESS_ID).", lower_bound=0)
 
 flags.register_validator(
     "attacks", lambda names: set(names) <= set(attacks.ATTACKS),
@@ -89,6 +120,7 @@ def _check_flags():
 
 
 def _prepare_workdir(path: str) -> str:
+  """The absolute workdir, checked writable, without a stale scores.json."""
   path = os.path.abspath(path)
   try:
     os.makedirs(path, exist_ok=True)
@@ -98,7 +130,7 @@ def _prepare_workdir(path: str) -> str:
     raise UserError(f"--workdir {path} is not writable: {e.strerror}") from e
   # A stale scores.json would look like this run's result if we stopped early.
   stale = os.path.join(path, "scores.json")
-  if os.path.exists(stale):
+  if parallel.is_main_process() and os.path.exists(stale):
     os.remove(stale)
   return path
 
@@ -121,8 +153,15 @@ def _write_models_csv(path, result):
 
 
 def run(log=print) -> dict:
-  """Runs every requested scenario; returns the scores written to disk."""
+  """Runs every requested scenario; returns the scores written to disk.
+
+  In a multi-process run every process computes the scores; only process 0
+  logs and writes.
+  """
   _check_flags()
+  main = parallel.is_main_process()
+  if not main:
+    log = lambda _: None
   workdir = _prepare_workdir(_WORKDIR.value)
   task = TASKS[_TASK.value]
   task = dataclasses.replace(
@@ -152,9 +191,18 @@ def run(log=print) -> dict:
            f" {config.dp.delta:g}, clip norm {config.dp.clip_norm}"
            if config.dp else "") + ")")
     start = time.perf_counter()
+    wave_size = (task.wave_size if _WAVE_SIZE.value is None
+                 else _WAVE_SIZE.value)
+    execution = Execution(wave_size=wave_size, unroll=task.unroll,
+                          directory=os.path.join(workdir, scenario),
+                          save_every=_CHECKPOINT_EVERY.value,
+                          reuse_only=_ATTACKS_ONLY.value)
     result = run_scenario(task, config, dataset, num_models, _SEED.value,
                           _ATTACKS.value, queries, _SHADOWS.value, log,
-                          task.train_chunk, task.unroll)
+                          execution)
+    all_scores[scenario] = result.metrics
+    if not main:
+      continue
     train_acc, eval_acc = _write_models_csv(
         os.path.join(workdir, scenario, "models.csv"), result)
     log(f"[{scenario}] accuracy: train {train_acc.mean():.4f}, evaluation"
@@ -175,12 +223,13 @@ def run(log=print) -> dict:
     predictions = scoring.to_unit_interval(result.scores_KxC[_SUBMIT.value])
     challenge.write_bundle(os.path.join(workdir, "bundle"), scenario,
                            result.challenge, predictions, result.epsilon_K)
-    all_scores[scenario] = result.metrics
     panels[scenario] = {name: (result.challenge.member_KxC, s)
                         for name, s in result.scores_KxC.items()}
     log(f"[{scenario}] MICO scores over {num_models} x"
         f" {2 * task.len_challenge} challenge points:\n" +
         scoring.score_table(result.metrics))
+  if not main:
+    return all_scores
   report.plot_roc(panels, os.path.join(workdir, "roc.png"),
                   title=f"{task.name}, {num_models} models")
   _write_json_atomically(all_scores, os.path.join(workdir, "scores.json"))
@@ -191,10 +240,16 @@ def run(log=print) -> dict:
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # orbax logs every step of every save at INFO.
+    logging.set_verbosity(logging.WARNING)
   try:
+    # Before any other JAX use: it decides which devices there are.
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                        _PROCESS_ID.value)
     run()
   except (UserError, data.DataError, challenge.ChallengeError,
-          dp.DPError) as e:
+          checkpoint.CheckpointError, parallel.ParallelError, dp.DPError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -1,4 +1,4 @@
-"""DP-SGD for a stack of models: Poisson batches, clipped per-example gradients, noise.
+"""DP-SGD for a stack of models: Poisson batches, clipping, Gaussian noise.
 
 One DP-SGD step of one model (vmapped over K models by the `Trainer`):
   1. `PoissonSampler`: each of the model's n training points joins the batch
@@ -244,7 +244,8 @@ def _supported(module: nn.Module, inputs: jax.Array, batch: int) -> bool:
   if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
     return True
   rank = len(_as_tuple(module.kernel_size, 1))
-  return (inputs.ndim == rank + 2 and module.feature_group_count == 1 and
+  return (rank <= 3 and inputs.ndim == rank + 2 and
+          module.feature_group_count == 1 and
           module.mask is None and _conv_padding(module, rank) is not None)
 
 
@@ -279,13 +280,13 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
 
 
 def _unfold(module: nn.Module, inputs: jax.Array) -> jax.Array:
-  """A layer's input as `[B, P, D]`: positions x features that meet the kernel."""
+  """A layer's input as `[B, P, D]`: positions x features meeting the kernel."""
   batch = inputs.shape[0]
   if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
     return inputs.reshape(batch, -1, inputs.shape[-1])
   kernel = _as_tuple(module.kernel_size, 1)
   rank = len(kernel)
-  spatial = "DHW"[-rank:] if rank <= 3 else None
+  spatial = "DHW"[-rank:]
   patches = jax.lax.conv_general_dilated_patches(
       inputs, kernel, _as_tuple(module.strides, rank),
       _conv_padding(module, rank),
@@ -308,9 +309,26 @@ def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
   return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO) ** 2, (1, 2))
 
 
-def _per_example_losses(apply_fn, params, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x),
-                                                         y)
+def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def _output_gradients(apply_fn, params, x, y):
+  """Per-example losses; each dense/conv call, its input and ∂loss_b/∂z_b."""
+  calls = []
+  _, _, out_shapes = jax.eval_shape(
+      lambda p, x: _tapped_apply(apply_fn, p, x, None, calls), params, x)
+
+  def loss_sum(perturbs):
+    logits, layer_inputs, _ = _tapped_apply(apply_fn, params, x, perturbs, [])
+    losses = _cross_entropy(logits, y)
+    # Examples are independent, so ∂(Σ loss)/∂z_b = ∂loss_b/∂z_b.
+    return losses.sum(), (losses, layer_inputs)
+
+  zeros = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
+  (_, (losses_B, inputs)), g_outputs = jax.value_and_grad(
+      loss_sum, has_aux=True)(zeros)
+  return losses_B, calls, inputs, g_outputs
 
 
 def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
@@ -336,22 +354,10 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   if method not in ("ghost", "naive"):
     raise ValueError(f"method must be 'ghost' or 'naive', got {method!r}")
   batch = x.shape[0]
-  calls, inputs, g_outputs = [], [], []
-  losses_B = None
+  losses_B, calls, inputs, g_outputs = None, [], [], []
   if method == "ghost":
-    _, _, out_shapes = jax.eval_shape(
-        lambda p, x: _tapped_apply(apply_fn, p, x, None, calls), params, x)
-
-    def loss_sum(perturbs):
-      logits, layer_inputs, _ = _tapped_apply(apply_fn, params, x, perturbs,
-                                              [])
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      # Examples are independent, so ∂(Σ loss)/∂z_b = ∂loss_b/∂z_b.
-      return losses.sum(), (losses, layer_inputs)
-
-    zeros = [jnp.zeros(s.shape, s.dtype) for s in out_shapes]
-    (_, (losses_B, inputs)), g_outputs = jax.value_and_grad(
-        loss_sum, has_aux=True)(zeros)
+    losses_B, calls, inputs, g_outputs = _output_gradients(apply_fn, params,
+                                                           x, y)
 
   # A layer is covered only if every call of it is supported.
   unsupported = {c.path for c in calls if not c.supported}
@@ -363,25 +369,28 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   norm_sq_B = jnp.zeros(batch, jnp.float32)
   for path, idx in by_path.items():
     module = calls[idx[0]].module
+    # Calls of one layer share its weights: their positions add up.
     a = jnp.concatenate([_unfold(module, inputs[i]) for i in idx], 1)
-    g = jnp.concatenate([g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1])
-                         for i in idx], 1)
+    g = jnp.concatenate(
+        [g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1]) for i in idx],
+        1)
     norm_sq_B += _kernel_norm_sq(a, g)
     if module.use_bias:
       norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
 
-  # The rest by per-example gradients: `vmap(grad)` over those leaves only.
+  # Other parameters by per-example gradients of those leaves only.
   flat = traverse_util.flatten_dict(params)
   covered = {("params",) + path for path in by_path}
   rest = {k: v for k, v in flat.items() if k[:-1] not in covered}
+  rest_grads_B = {}
   if rest:
     def loss_one(rest_params, x_one, y_one):
       full = traverse_util.unflatten_dict({**flat, **rest_params})
-      return _per_example_losses(apply_fn, full, x_one[None], y_one[None])[0]
+      return _cross_entropy(apply_fn(full, x_one[None]), y_one[None])[0]
 
-    rest_losses, rest_grads_B = jax.vmap(
+    rest_losses_B, rest_grads_B = jax.vmap(
         jax.value_and_grad(loss_one), in_axes=(None, 0, 0))(rest, x, y)
-    losses_B = rest_losses if losses_B is None else losses_B
+    losses_B = rest_losses_B if losses_B is None else losses_B
     norm_sq_B += sum(jnp.sum(g.reshape(batch, -1) ** 2, 1)
                      for g in rest_grads_B.values())
 
@@ -389,22 +398,19 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   weight_B = jnp.where(mask, jnp.minimum(
       1.0, clip_norm / jnp.maximum(norm_B, 1e-30)), 0.0)
 
-  grads = {k: jnp.tensordot(weight_B, g, 1) for k, g in (
-      rest_grads_B.items() if rest else ())}
+  grads = {k: jnp.tensordot(weight_B, g, 1) for k, g in rest_grads_B.items()}
   for path, idx in by_path.items():
     layer_params = params["params"]
     for name in path:
       layer_params = layer_params[name]
-    total = None
-    for i in idx:
-      g = g_outputs[i]
-      scaled = g * weight_B.reshape((batch,) + (1,) * (g.ndim - 1))
-      module = calls[i].module
-      _, vjp = jax.vjp(lambda p, a=inputs[i], m=module: m.apply(
-          {"params": p}, a), layer_params)
-      layer_grads = vjp(scaled)[0]
-      total = layer_grads if total is None else jax.tree.map(
-          jnp.add, total, layer_grads)
+    # Σ_b w_b a_bᵀ g_b is the layer's own VJP at the reweighted g.
+    layer_grads = [
+        jax.vjp(lambda p, i=i: calls[i].module.apply({"params": p}, inputs[i]),
+                layer_params)[1](
+                    g_outputs[i] * weight_B.reshape(
+                        (batch,) + (1,) * (g_outputs[i].ndim - 1)))[0]
+        for i in idx]
+    total = jax.tree.map(lambda *leaves: sum(leaves), *layer_grads)
     for name, leaf in traverse_util.flatten_dict(total).items():
       grads[("params",) + path + name] = leaf
   return losses_B, traverse_util.unflatten_dict(grads), norm_B

@@ -5,15 +5,19 @@ benchmarks and tests call them directly.
 """
 
 import dataclasses
+import functools
+import hashlib
+import os
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mico_jax import attacks as attacks_lib
 from mico_jax import challenge as challenge_lib
-from mico_jax import dp, scoring, stats, train
+from mico_jax import checkpoint, dp, parallel, scoring, stats, train
 from mico_jax.data import Dataset
 from mico_jax.tasks import Task
 
@@ -40,9 +44,14 @@ class ScenarioResult:
             (correct * evaluation).sum(1) / evaluation.sum(1))
 
 
+@functools.cache
 def make_trainer(model, config: train.TrainConfig, len_training: int,
                  unroll: bool = False) -> train.Trainer:
-  """The trainer for one recipe: shuffled epochs, or DP-SGD if `config.dp`."""
+  """The trainer for one recipe: shuffled epochs, or DP-SGD if `config.dp`.
+
+  Cached: an equal trainer is the same jit key, so waves compile once.
+  `unroll`: see `train.Trainer`.
+  """
   if config.dp is None:
     sampler = train.EpochShuffle(len_training, config.batch_size)
     gradient_fn = train.mean_gradient
@@ -59,35 +68,157 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
       gradient_fn, unroll)
 
 
+def describe_training(model, config: train.TrainConfig, dataset: Dataset,
+                      challenge: challenge_lib.Challenge) -> dict[str, object]:
+  """What decides the trained models; saved state must match it to be reused."""
+  seeds = np.ascontiguousarray(challenge.seeds_Kx3, np.uint64).tobytes()
+  return {"dataset": dataset.name, "pool_size": len(dataset),
+          "len_training": int(challenge.train_KxT.shape[1]),
+          "len_challenge": int(challenge.challenge_KxC.shape[1] // 2),
+          "num_models": challenge.num_models,
+          "seeds": hashlib.sha256(seeds).hexdigest()[:16],
+          "model": repr(model), "config": repr(config)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def init_state(trainer: train.Trainer, key_K: jax.Array, example_x: jax.Array,
+               mesh: Mesh) -> train.TrainState:
+  """`trainer.init` with the state sharded over the mesh's models axis.
+
+  Jitted at module level, so waves with equal trainers compile it once.
+  """
+  state = trainer.init(key_K, example_x)
+  return jax.lax.with_sharding_constraint(
+      state, parallel.state_shardings(state, mesh))
+
+
 def train_models(model, config: train.TrainConfig, dataset: Dataset,
                  challenge: challenge_lib.Challenge, log: Log | None = print,
-                 chunk_size: int | None = None, unroll: bool = False):
-  """Trains every model of the challenge; returns stacked params.
+                 mesh: Mesh | None = None, checkpoint_dir: str | None = None,
+                 save_every: int = 0, unroll: bool = False):
+  """Trains every model of the challenge together, sharded over the mesh.
+
+  K is padded to a multiple of the mesh's models axis with copies of the last
+  model, which are dropped at the end.
 
   Args:
-    model: flax module.
+    model: the flax module.
     config: the training recipe.
     dataset: the pool.
-    challenge: the splits; one model per row.
+    challenge: the models' splits and seeds.
     log: progress messages, or None.
-    chunk_size: models trained together per compiled run (default: all). A
-      model's result does not depend on its chunk; on CPU, CNNs train faster
-      one at a time than vmapped (XLA lowers them to grouped convolutions).
-    unroll: unroll each epoch's steps (see `train.Trainer`).
+    mesh: devices to shard the models over; default all.
+    checkpoint_dir: if given, resume from the latest checkpoint there and save
+      every `save_every` steps (0: only at the end) and at the end.
+    save_every: steps between checkpoints.
+    unroll: unroll each epoch's steps (see `train.Trainer`); speed only.
+
+  Returns:
+    Stacked params of the K models, as host arrays.
   """
-  trainer = make_trainer(model, config, challenge.train_KxT.shape[1], unroll)
-  keys_K = train.model_keys(challenge.seeds_Kx3)
-  chunk_size = chunk_size or challenge.num_models
-  parts = []
-  for start in range(0, challenge.num_models, chunk_size):
-    stop = min(start + chunk_size, challenge.num_models)
-    if log and chunk_size < challenge.num_models:
-      log(f"models {start}..{stop - 1} of {challenge.num_models}")
-    state = trainer.init(keys_K[start:stop], jnp.asarray(dataset.x[0]))
-    state = train.train(trainer, state, challenge.train_KxT[start:stop],
-                        dataset.x, dataset.y, config.epochs, log=log)
-    parts.append(state.params)
-  return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *parts)
+  mesh = mesh or parallel.make_mesh()
+  num_models = challenge.num_models
+  padded = challenge.select(parallel.pad_indices(num_models, mesh))
+  if log:
+    log(parallel.describe(mesh, num_models))
+  trainer = make_trainer(model, config, padded.train_KxT.shape[1], unroll)
+  key_K = parallel.put_models(np.asarray(train.model_keys(padded.seeds_Kx3)),
+                              mesh)
+  example_x = jnp.asarray(dataset.x[0])
+  abstract = jax.eval_shape(trainer.init, key_K, example_x)
+  shardings = parallel.state_shardings(abstract, mesh)
+  state, checkpoints, save = None, None, None
+  if checkpoint_dir:
+    description = describe_training(model, config, dataset, challenge)
+    # The state holds the padding copies, so it fits only this many models.
+    description["models_with_padding"] = padded.num_models
+    checkpoints = checkpoint.TrainCheckpoints(checkpoint_dir, description)
+    state = checkpoints.restore(jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, shardings), log)
+    if state is not None and log:
+      log(f"resuming from step {int(state.step)} ({checkpoint_dir})")
+    save = lambda s: checkpoints.save(s, int(s.step))
+  if state is None:
+    state = init_state(trainer, key_K, example_x, mesh)
+  train_KxT = parallel.put_models(padded.train_KxT, mesh)
+  x_N, y_N = parallel.put_replicated((dataset.x, dataset.y), mesh)
+  state = train.train(trainer, state, train_KxT, x_N, y_N, config.epochs,
+                      log=log, save=save, save_every=save_every)
+  if checkpoints:
+    checkpoints.close()
+  return jax.tree.map(lambda a: a[:num_models], parallel.to_host(state.params))
+
+
+def observe(model, params, dataset: Dataset, queries: Sequence[stats.Query],
+            mesh: Mesh | None = None) -> stats.Stats:
+  """The statistics pass for host params `[K, ...]`, sharded over the mesh."""
+  mesh = mesh or parallel.make_mesh()
+  num_models = jax.tree.leaves(params)[0].shape[0]
+  rows = parallel.pad_indices(num_models, mesh)
+  params = parallel.put_models(jax.tree.map(lambda a: a[rows], params), mesh)
+  observed = stats.compute_stats(model.apply, params, dataset.x, dataset.y,
+                                 queries, to_host=parallel.to_host)
+  return stats.Stats(*(a[:num_models] for a in observed))
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How a scenario runs: never changes what it computes.
+
+  Attributes:
+    mesh: devices to shard the models over; None: all devices.
+    wave_size: models trained at once; more are trained in waves of this
+      size, one after another (0: all at once).
+    directory: where checkpoints (`checkpoints/models_<a>-<b>/`) and trained
+      models with their statistics (`trained/models_<a>-<b>.npz`) go; a rerun
+      reuses or resumes them. None keeps nothing.
+    save_every: training steps between checkpoints (0: only at the end).
+    reuse_only: only reuse trained models and statistics; never train.
+    unroll: unroll each epoch's training steps (see `train.Trainer`): XLA's
+      CPU backend runs convolutions far faster outside loops.
+  """
+
+  mesh: Mesh | None = None
+  wave_size: int = 0
+  directory: str | None = None
+  save_every: int = 0
+  reuse_only: bool = False
+  unroll: bool = False
+
+
+def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
+                       challenge: challenge_lib.Challenge,
+                       queries: Sequence[stats.Query], execution: Execution,
+                       name: str, log: Log | None):
+  """One wave: saved results if any, else (resumed) training and statistics."""
+  description = describe_training(model, config, dataset, challenge)
+  description["queries"] = [repr(q) for q in queries]
+  path = execution.directory and os.path.join(execution.directory, "trained",
+                                              f"{name}.npz")
+  if path:
+    params_like = jax.eval_shape(model.init, jax.random.key(0),
+                                 dataset.x[:1])
+    saved = checkpoint.load_results(path, description, params_like)
+    if saved:
+      if log:
+        log(f"reusing trained models and statistics from {path}")
+      return saved
+  if execution.reuse_only:
+    raise checkpoint.CheckpointError(
+        f"no trained models and statistics to reuse at {path}")
+  params = train_models(
+      model, config, dataset, challenge, log, execution.mesh,
+      execution.directory and os.path.join(execution.directory,
+                                           "checkpoints", name),
+      execution.save_every, execution.unroll)
+  if log:
+    log(f"statistics pass: {challenge.num_models} models x {len(dataset)}"
+        f" points x {len(queries)} queries")
+  observed = observe(model, params, dataset, queries, execution.mesh)
+  if path and parallel.is_main_process():
+    checkpoint.save_results(path, description, params, observed)
+  return params, observed
 
 
 def attack_scores(observations: attacks_lib.Observations,
@@ -102,8 +233,8 @@ def attack_scores(observations: attacks_lib.Observations,
 def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
                  num_models: int, seed: int, attack_names: Sequence[str],
                  queries: Sequence[stats.Query], shadows: str = "all",
-                 log: Log | None = print, chunk_size: int | None = None,
-                 unroll: bool = False) -> ScenarioResult:
+                 log: Log | None = print,
+                 execution: Execution = Execution()) -> ScenarioResult:
   """Builds the challenge, trains, computes statistics and runs the attacks.
 
   Args:
@@ -117,8 +248,7 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
     shadows: "all" (every other model is a shadow) or "train" (only MICO's
       train-phase models, whose membership MICO reveals).
     log: progress messages, or None.
-    chunk_size: models trained together (see `train_models`).
-    unroll: unroll each epoch's training steps (see `train.Trainer`).
+    execution: devices, waves, checkpoints.
   """
   challenge = challenge_lib.make_challenge(
       len(dataset), task.len_training, task.len_challenge,
@@ -134,19 +264,24 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
           f" {mechanism.capacity}), {mechanism.steps} steps, clip norm"
           f" {mechanism.clip_norm}, noise multiplier"
           f" {mechanism.noise_multiplier:.4f}")
-  params = train_models(model, config, dataset, challenge, log, chunk_size,
-                        unroll)
+  execution = dataclasses.replace(
+      execution, mesh=execution.mesh or parallel.make_mesh())
+  wave = execution.wave_size or num_models
+  parts = []
+  for first in range(0, num_models, wave):
+    models = np.arange(first, min(first + wave, num_models))
+    if log and wave < num_models:
+      log(f"wave of models {models[0]}-{models[-1]} of {num_models}")
+    parts.append(_train_and_observe(
+        model, config, dataset, challenge.select(models), queries, execution,
+        f"models_{models[0]}-{models[-1]}", log))
+  params, observed = jax.tree.map(lambda *a: np.concatenate(a), *parts)
   if mechanism is not None:
     # Every model takes the same steps with the same σ and q.
     epsilon_K = np.full(num_models, mechanism.epsilon())
     if log:
       log(f"DP-SGD: each model spent epsilon = {epsilon_K[0]:.4f} at delta ="
           f" {mechanism.delta:g} (target {config.dp.epsilon})")
-  if log:
-    log(f"statistics pass: {num_models} models x {len(dataset)} points x"
-        f" {len(queries)} queries")
-  observed = stats.compute_stats(model.apply, params, dataset.x, dataset.y,
-                                 queries)
   shadow_K = None
   if shadows == "train":
     shadow_K = np.array([p == "train" for p in challenge.phases])

@@ -83,10 +83,14 @@ def _stats_batch(apply_fn, queries, params_K, x_B, y_B):
 
 def compute_stats(apply_fn: Callable, params_K, x_N: np.ndarray,
                   y_N: np.ndarray, queries: Sequence[Query] = (IDENTITY,),
-                  batch_size: int = 512) -> Stats:
+                  batch_size: int = 512,
+                  to_host: Callable[[jax.Array], np.ndarray] = np.asarray
+                  ) -> Stats:
   """Runs all K models on all N points under every query, batch by batch.
 
   The last batch is padded to `batch_size` so only one shape is compiled.
+  `to_host` fetches each batch's results; models sharded over several hosts
+  need a gathering one (`parallel.to_host`).
   """
   queries = tuple(queries)
   n = len(y_N)
@@ -98,6 +102,6 @@ def compute_stats(apply_fn: Callable, params_K, x_N: np.ndarray,
     y_B = np.concatenate([y_N[start:stop], np.repeat(y_N[:1], pad, 0)])
     out = _stats_batch(apply_fn, queries, params_K, jnp.asarray(x_B),
                        jnp.asarray(y_B))
-    parts.append([np.asarray(o)[:, :stop - start] for o in out])
+    parts.append([to_host(o)[:, :stop - start] for o in out])
   stat, loss, correct = (np.concatenate(p, axis=1) for p in zip(*parts))
   return Stats(stat, loss, correct)

@@ -80,8 +80,8 @@ class Task:
     len_challenge: m, members (and non-members) per model's challenge.
     scenarios: recipe per scenario name.
     default_models: models per scenario when the user does not say.
-    train_chunk: models trained together (None: all); see
-      `pipeline.train_models`. Changes speed, not results.
+    wave_size: models trained at once by default (0: all); see
+      `pipeline.Execution`. Changes speed, not results.
     unroll: unroll training steps (see `train.Trainer`). Changes speed, not
       results.
   """
@@ -94,7 +94,7 @@ class Task:
   len_challenge: int
   scenarios: Mapping[str, TrainConfig]
   default_models: int = 200
-  train_chunk: int | None = None
+  wave_size: int = 0
   unroll: bool = False
 
 
@@ -215,7 +215,7 @@ CIFAR10_CPU = Task(
         dp_base=TrainConfig(optimizer="sgd", learning_rate=0.5, batch_size=128,
                             epochs=20, decay_every=1, decay_rate=0.96)),
     default_models=32,
-    train_chunk=1,
+    wave_size=1,
     unroll=True,
 )
 

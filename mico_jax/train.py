@@ -220,17 +220,50 @@ class Trainer:
 
 def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,
           x_N: np.ndarray, y_N: np.ndarray, epochs: int,
-          log: Callable[[str], None] | None = print) -> TrainState:
-  """Runs `epochs` epochs one jitted scan at a time, logging progress."""
+          log: Callable[[str], None] | None = print,
+          save: Callable[[TrainState], None] | None = None,
+          save_every: int = 0) -> TrainState:
+  """Runs the remaining steps of `epochs` epochs, logging each epoch.
+
+  Each jitted scan runs to the end of the epoch or to the next multiple of
+  `save_every` steps, whichever comes first, so the state at a checkpoint is
+  the one an uninterrupted run passes through, and few scan lengths compile.
+
+  Args:
+    trainer: the trainer.
+    state: where to start; `state.step` may be anywhere (a resumed run).
+    train_KxT: each model's training list (host or already placed on devices).
+    x_N: the pool's inputs.
+    y_N: the pool's labels.
+    epochs: total epochs, counting those already done.
+    log: progress messages, or None.
+    save: called with the state every `save_every` steps and at the end.
+    save_every: steps between saves; 0 saves only at the end.
+  """
   train_KxT, x_N, y_N = map(jnp.asarray, (train_KxT, x_N, y_N))
-  steps = trainer.sampler.steps_per_epoch
+  per_epoch = trainer.sampler.steps_per_epoch
+  total = epochs * per_epoch
+  step = int(state.step)
+  loss_sum_K, counted = 0.0, 0
   start = time.perf_counter()
-  for epoch in range(int(state.step) // steps, epochs):
-    state, loss_K = trainer.run(state, train_KxT, x_N, y_N, steps)
-    if log:
-      loss_K = np.asarray(loss_K)
-      elapsed = time.perf_counter() - start
-      log(f"epoch {epoch + 1}/{epochs}  loss {loss_K.mean():.4f}"
-          f" (min {loss_K.min():.4f}, max {loss_K.max():.4f})"
-          f"  {elapsed:.1f}s")
+  while step < total:
+    stop = (step // per_epoch + 1) * per_epoch
+    if save_every:
+      stop = min(stop, (step // save_every + 1) * save_every)
+    state, loss_K = trainer.run(state, train_KxT, x_N, y_N, stop - step)
+    loss_sum_K, counted = loss_sum_K + loss_K * (stop - step), counted + (
+        stop - step)
+    step = stop
+    if save and (step == total or (save_every and step % save_every == 0)):
+      save(state)
+    if step % per_epoch == 0:
+      if log:
+        # Reduced on the devices: the losses may live on other hosts.
+        loss_K = loss_sum_K / counted
+        mean, low, high = np.asarray(
+            jnp.stack([loss_K.mean(), loss_K.min(), loss_K.max()]))
+        log(f"epoch {step // per_epoch}/{epochs}  loss {mean:.4f}"
+            f" (min {low:.4f}, max {high:.4f})"
+            f"  {time.perf_counter() - start:.1f}s")
+      loss_sum_K, counted = 0.0, 0
   return state

@@ -38,13 +38,14 @@ def _clipped(model, params, x, y, mask, clip_norm, method):
       model.apply, p, x, y, m, clip_norm, method))(params, mask)
 
 
-@pytest.mark.parametrize("model,shape,num_classes", [
-    (models.MLP(5, (16, 8)), (6, 7), 5),
-    (models.CNN(10), (3, 16, 16, 3), 10),
-    (_Mixed(), (5, 12), 3),
+@pytest.mark.parametrize("model,shape,num_classes,methods", [
+    (models.MLP(5, (16, 8)), (6, 7), 5, ("ghost", "naive")),
+    (models.CNN(10), (3, 16, 16, 3), 10, ("ghost",)),
+    (_Mixed(), (5, 12), 3, ("ghost",)),
 ], ids=["mlp", "cnn", "mixed"])
 def test_ghost_clipping_equals_naive_per_example_gradients(model, shape,
-                                                          num_classes):
+                                                          num_classes,
+                                                          methods):
   params, x, y = _batch(model, shape, num_classes)
   mask = jnp.arange(shape[0]) < shape[0] - 1  # the last one is padding
   # Per-example gradients by hand, the definition.
@@ -59,7 +60,7 @@ def test_ghost_clipping_equals_naive_per_example_gradients(model, shape,
   weight_B = np.where(np.asarray(mask),
                       np.minimum(1, clip_norm / norms_B), 0)
   expected = jax.tree.map(lambda g: np.tensordot(weight_B, g, 1), grads_B)
-  for method in ("ghost", "naive"):
+  for method in methods:
     _, grads, norms = _clipped(model, params, x, y, mask, clip_norm, method)
     np.testing.assert_allclose(norms, norms_B, rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(

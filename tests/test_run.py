@@ -53,6 +53,8 @@ def test_small_run_writes_scores_bundle_and_plot(tmp_path):
     (["--len_challenge=899"], "only 1797"),
     (["--workdir=/dev/null/sub"], "not writable"),
     (["--submit_attack=lira_online", "--attacks=loss"], "--submit_attack"),
+    (["--attacks_only"], "no trained models and statistics to reuse"),
+    (["--coordinator_address=127.0.0.1:1"], "--num_processes"),
     (["--scenario=lo", "--epsilon=0"], "epsilon must be"),
     (["--scenario=hi", "--delta=1"], "delta must lie in (0, 1)"),
     (["--scenario=lo", "--clip_norm=-2.6"], "clip_norm must be"),

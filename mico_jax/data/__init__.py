@@ -5,7 +5,8 @@ Every loader returns a `Dataset`: the whole pool that MICO draws challenges from
 """
 
 import dataclasses
-from typing import Literal
+import os
+from typing import Any, Literal
 
 import numpy as np
 
@@ -80,3 +81,24 @@ def load_digits() -> Dataset:
   digits = datasets.load_digits()
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   return Dataset("digits", x, digits.target.astype(np.int32), 10, "image")
+
+
+def read_tfds_split(name: str, split: str,
+                    data_dir: str | os.PathLike[str] | None,
+                    download: bool) -> list[Any]:
+  """All records of a TFDS split, read through TensorFlow-free `data_source`.
+
+  Raises:
+    DataError: the split is not prepared as array_record under `data_dir`.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    source = tfds.data_source(
+        name, split=split, data_dir=data_dir, download=download,
+        builder_kwargs={"file_format": "array_record"} if download else None)
+  except (RuntimeError, OSError, ValueError, AssertionError) as e:
+    raise DataError(
+        f"TFDS {name}/{split} is not readable from data_dir={data_dir!r} as"
+        f" array_record: {e}") from e
+  # Mocked sources reject batched reads (`__getitems__`); read one by one.
+  return [source[i] for i in range(len(source))]

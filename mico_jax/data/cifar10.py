@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mico_jax.data import Dataset, DataError
+from mico_jax.data import Dataset, DataError, read_tfds_split
 
 # MICO's `challenge_datasets.load_cifar10` (the exact statistics of CIFAR-10's
 # training set; the per-image-average std that Opacus uses is wrong, it notes).
@@ -127,29 +127,15 @@ def load_cifar10_tfds(
       `data_dir`, or its ids are not `train_#####`/`test_#####` covering each
       split exactly once.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   images, labels = [], []
   for split in ("train", "test"):
-    try:
-      source = tfds.data_source(
-          "cifar10", split=split, data_dir=data_dir, download=download,
-          builder_kwargs={"file_format": "array_record"} if download else None)
-    except (RuntimeError, OSError, ValueError, AssertionError) as e:
-      raise DataError(
-          f"TFDS cifar10/{split} is not readable from data_dir={data_dir!r}"
-          f" as array_record: {e}") from e
-    examples = _read_all(source)
+    examples = read_tfds_split("cifar10", split, data_dir, download)
     order = _order_by_id(
         [ex["id"] for ex in examples], prefix=f"{split}_",
         what=f"TFDS cifar10/{split}")
     images.append(np.stack([examples[i]["image"] for i in order]))
     labels.append(np.asarray([examples[i]["label"] for i in order]))
   return _dataset(np.concatenate(images), np.concatenate(labels))
-
-
-def _read_all(source: Sequence[Any]) -> list[Any]:
-  """Every record of a random-access source (a `tfds.data_source` split)."""
-  return [source[i] for i in range(len(source))]
 
 
 def _order_by_id(ids: Sequence[Any], prefix: str, what: str) -> np.ndarray:

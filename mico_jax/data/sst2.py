@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from mico_jax.data import Dataset, DataError
+from mico_jax.data import Dataset, DataError, read_tfds_split
 
 NUM_TRAIN = 67_349
 NUM_VALIDATION = 872
@@ -189,22 +189,13 @@ def read_sst2_tfds(
     DataError: the data set is not prepared (as array_record), its `idx` do not
       number each split's records exactly once, or a label is not 0/1.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   # Without TensorFlow, `glue` is not registered until its module is imported.
   # pylint: disable-next=g-import-not-at-top,unused-import
   import tensorflow_datasets.text.glue
   sentences, labels = [], []
   for split in ("train", "validation"):
     what = f"TFDS glue/sst2/{split}"
-    try:
-      source = tfds.data_source(
-          "glue/sst2", split=split, data_dir=data_dir, download=download,
-          builder_kwargs={"file_format": "array_record"} if download else None)
-    except (RuntimeError, OSError, ValueError, AssertionError) as e:
-      raise DataError(
-          f"{what} is not readable from data_dir={data_dir!r} as array_record:"
-          f" {e}") from e
-    examples = [source[i] for i in range(len(source))]
+    examples = read_tfds_split("glue/sst2", split, data_dir, download)
     idx = np.asarray([int(ex["idx"]) for ex in examples], np.int64)
     order = np.argsort(idx, kind="stable")
     if (idx[order] != np.arange(len(idx))).any():

@@ -1,0 +1,153 @@
+r"""DP-SGD step cost for K models on Purchase-100-shaped data.
+
+  python -m benchmarks.dp_step
+
+Trains MICO's Purchase-100 MLP (600-128-100, tanh, Adam) on random binary
+features for K models at once and times jitted training steps (after a
+warm-up run that compiles): plain minibatch SGD, DP-SGD with ghost norms, and
+DP-SGD with naive `vmap(grad)` per-example gradients. Prints the DP / non-DP
+cost ratio, the ghost / naive speed-up and the achieved FLOP/s against a JAX
+matmul's, measured in the same run, and how much of the DP cost is padding
+to the batch capacity (a non-DP step on a batch that large). The naive path
+keeps K x capacity per-example gradients in memory (~250 MB a model here), so
+it runs on fewer models and is compared per model, with the ghost path timed
+on as many.
+"""
+
+import argparse
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mico_jax import dp, models, pipeline, train
+
+
+def _parse():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", type=int, default=64, help="K")
+  parser.add_argument("--naive_models", type=int, default=4,
+                      help="K for the naive vmap(grad) path (memory-bound)")
+  parser.add_argument("--len_training", type=int, default=150_000, help="n")
+  parser.add_argument("--features", type=int, default=600)
+  parser.add_argument("--classes", type=int, default=100)
+  parser.add_argument("--hidden", type=int, default=128)
+  parser.add_argument("--batch_size", type=int, default=512)
+  parser.add_argument("--epsilon", type=float, default=10.0)
+  parser.add_argument("--steps", type=int, default=8,
+                      help="steps per timed run")
+  parser.add_argument("--repeats", type=int, default=5,
+                      help="timed runs of each kind; the fastest counts")
+  return parser.parse_args()
+
+
+def _matmul_peak(repeats: int, size: int = 2048) -> float:
+  """FLOP/s of a jitted float32 matmul: this machine's practical peak."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
+  matmul = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(matmul(a))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def _prepare(trainer, num_models, x_N, y_N, args) -> Callable[[], object]:
+  """A compiled, warmed-up run of `args.steps` steps on `num_models` models."""
+  n = args.len_training
+  train_KxT = jnp.tile(jnp.arange(n, dtype=jnp.int32), (num_models, 1))
+  keys = train.model_keys(np.arange(num_models * 3).reshape(-1, 3))
+  state = trainer.init(keys, x_N[0])
+  state, _ = trainer.run(state, train_KxT, x_N, y_N, args.steps)  # compiles
+  return lambda: trainer.run(state, train_KxT, x_N, y_N, args.steps)
+
+
+def _seconds_per_step(runs: dict[str, Callable[[], object]], args
+                     ) -> dict[str, float]:
+  """Fastest time per step of each run, interleaved so that load from other
+  processes on the machine hits every run alike."""
+  best = dict.fromkeys(runs, float("inf"))
+  for _ in range(args.repeats):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(run())
+      best[name] = min(best[name], time.perf_counter() - start)
+  return {name: secs / args.steps for name, secs in best.items()}
+
+
+def main():
+  args = _parse()
+  n, d, c, h = args.len_training, args.features, args.classes, args.hidden
+  rng = np.random.default_rng(0)
+  x_N = jnp.asarray(rng.random((n, d)) < 0.1, jnp.float32)  # sparse binary
+  y_N = jnp.asarray(rng.integers(0, c, n), jnp.int32)
+  model = models.MLP(c, (h,))
+  config = train.TrainConfig("adam", 1e-3, batch_size=args.batch_size,
+                             epochs=30, decay_every=5, decay_rate=0.9)
+  dp_config = dp.DPConfig(args.epsilon, 1e-5, 2.6)
+  mech = dp.calibrate(dp_config, n, args.batch_size, config.epochs)
+  plain = pipeline.make_trainer(model, config, n)
+  # The same work as DP's padded batch, without clipping or noise.
+  padded = pipeline.make_trainer(
+      model, dataclasses.replace(config, batch_size=mech.capacity), n)
+  ghost = pipeline.make_trainer(
+      model, dataclasses.replace(config, dp=dp_config), n)
+  naive = train.Trainer(ghost.model, ghost.optimizer, ghost.sampler,
+                        dp.DPGradient(mech.clip_norm, mech.noise_multiplier,
+                                      mech.expected_batch_size, "naive"))
+
+  k, k_naive = args.models, args.naive_models
+  runs = {
+      "plain": _prepare(plain, k, x_N, y_N, args),
+      "padded": _prepare(padded, k, x_N, y_N, args),
+      "ghost": _prepare(ghost, k, x_N, y_N, args),
+      "ghost_small": _prepare(ghost, k_naive, x_N, y_N, args),
+      "naive": _prepare(naive, k_naive, x_N, y_N, args),
+  }
+  peak = _matmul_peak(args.repeats)
+  secs = _seconds_per_step(runs, args)
+  t_plain, t_padded, t_ghost, t_ghost_small, t_naive = (
+      secs[name] for name in runs)
+
+  # Useful work: forward + backward of the expected batch (no input gradient).
+  forward = 2 * (d * h + h * c)
+  flops_per_example = forward + forward + 2 * h * c
+  useful = flops_per_example * args.batch_size
+
+  print(f"MICO Purchase-100 MLP {d}-{h}-{c}, n = {n}, expected batch"
+        f" {args.batch_size}; DP: eps = {args.epsilon}, delta = 1e-5, C = 2.6,"
+        f" q = 1/{round(1 / mech.sample_rate)}, sigma ="
+        f" {mech.noise_multiplier:.4f}, capacity {mech.capacity}")
+  print(f"devices: {jax.devices()}; JAX f32 matmul peak"
+        f" {peak / 1e9:.1f} GFLOP/s")
+  print(f"\n{'step':<34}{'K':>4}{'ms/step':>10}{'ms/model':>10}"
+        f"{'GFLOP/s':>9}{'of peak':>9}")
+  for name, num, sec in (
+      ("non-DP (shuffled batches)", k, t_plain),
+      (f"non-DP, batch {mech.capacity} (= capacity)", k, t_padded),
+      ("DP-SGD, ghost norms", k, t_ghost),
+      ("DP-SGD, ghost norms", k_naive, t_ghost_small),
+      ("DP-SGD, naive vmap(grad)", k_naive, t_naive)):
+    rate = useful * num / sec
+    print(f"{name:<34}{num:>4}{sec * 1e3:>10.1f}{sec / num * 1e3:>10.2f}"
+          f"{rate / 1e9:>9.1f}{rate / peak:>9.1%}")
+  ratio = t_ghost / t_plain
+  speedup = (t_naive / k_naive) / (t_ghost_small / k_naive)
+  print(f"\nDP / non-DP step cost (K = {k}): {ratio:.2f}  (target <= 1.5:"
+        f" {'met' if ratio <= 1.5 else 'NOT met'})")
+  print(f"ghost / naive DP speed-up (K = {k_naive}): {speedup:.1f}x  (target"
+        f" >= 10x: {'met' if speedup >= 10 else 'NOT met'})")
+  print(f"Of the DP / non-DP ratio, padding to the capacity accounts for"
+        f" {t_padded / t_plain:.2f}x; clipping and noise for the other"
+        f" {t_ghost / t_padded:.2f}x.")
+  print(f"GFLOP/s count the useful work: {flops_per_example} FLOPs per"
+        f" example x {args.batch_size} expected examples per model-step.")
+
+
+if __name__ == "__main__":
+  main()
