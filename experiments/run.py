@@ -6,6 +6,8 @@ writes, under --workdir:
   scores.json                 {scenario: {attack: {MICO metric: value}}}
   roc.png                     log-log ROC curves, one panel per scenario
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
+  <scenario>/run.json         the command, sizes, recipe, mean accuracies,
+                              epsilon spent (DP) and seconds taken
   <scenario>/checkpoints/     orbax training states (every --checkpoint_every
                               steps and at the end); a rerun resumes from them
   <scenario>/trained/         final params and statistics (npz); a rerun
@@ -49,6 +51,11 @@ _LEN_TRAINING = flags.DEFINE_integer(
 _LEN_CHALLENGE = flags.DEFINE_integer(
     "len_challenge", None, "Member challenges per model, m; there are as many"
     " non-members (default: the task's).", lower_bound=1)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Folder with the task's data files (cifar10/"
+    "cifar10_jpeg.npz, sst2/{train,dev}.tsv, location/bangkok,"
+    " purchase100/dataset_purchase). Unset: CIFAR-10 and SST-2 come from"
+    " TFDS's prepared data; the tabular tasks need it.")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of every challenge seed.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Output folder.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the recipe's epochs.",
@@ -72,8 +79,9 @@ _QUERY_SHIFT = flags.DEFINE_integer(
     "query_shift", 1, "Pixels of the shifted image queries (0: none).",
     lower_bound=0)
 _WAVE_SIZE = flags.DEFINE_integer(
-    "wave_size", 0, "Train at most this many models at once, in waves (for"
-    " more models than memory holds); 0: all at once.", lower_bound=0)
+    "wave_size", None, "Train at most this many models at once, in waves (for"
+    " more models than memory holds); 0: all at once. Default: the task's"
+    " (all at once, but one at a time for CNNs on CPU).", lower_bound=0)
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 0, "Training steps between checkpoints; 0: only at the"
     " end of training. Each distinct run of steps between an epoch end and a"
@@ -161,7 +169,7 @@ def run(log=print) -> dict:
       len_challenge=_LEN_CHALLENGE.value or task.len_challenge)
   num_models = _NUM_MODELS.value or task.default_models
   log(f"loading {task.name}")
-  dataset = task.load()
+  dataset = task.load(_DATA_DIR.value)
   challenge.check_sizes(len(dataset), task.len_training, task.len_challenge)
   queries = stats.default_queries(dataset, _QUERY_SHIFT.value)
   all_scores, panels = {}, {}
@@ -183,7 +191,9 @@ def run(log=print) -> dict:
            f" {config.dp.delta:g}, clip norm {config.dp.clip_norm}"
            if config.dp else "") + ")")
     start = time.perf_counter()
-    execution = Execution(wave_size=_WAVE_SIZE.value,
+    wave_size = (task.wave_size if _WAVE_SIZE.value is None
+                 else _WAVE_SIZE.value)
+    execution = Execution(wave_size=wave_size, unroll=task.unroll,
                           directory=os.path.join(workdir, scenario),
                           save_every=_CHECKPOINT_EVERY.value,
                           reuse_only=_ATTACKS_ONLY.value)
@@ -198,6 +208,18 @@ def run(log=print) -> dict:
     log(f"[{scenario}] accuracy: train {train_acc.mean():.4f}, evaluation"
         f" {eval_acc.mean():.4f} (mean of {num_models} models;"
         f" {time.perf_counter() - start:.1f}s)")
+    _write_json_atomically({
+        "command": " ".join(["python -m experiments.run", *sys.argv[1:]]),
+        "task": task.name, "scenario": scenario, "num_models": num_models,
+        "pool_size": len(dataset), "len_training": task.len_training,
+        "len_challenge": task.len_challenge, "num_queries": len(queries),
+        "config": dataclasses.asdict(config),
+        "train_accuracy": float(train_acc.mean()),
+        "eval_accuracy": float(eval_acc.mean()),
+        "epsilon": (None if result.epsilon_K is None else
+                    float(result.epsilon_K.max())),
+        "seconds": round(time.perf_counter() - start, 1),
+    }, os.path.join(workdir, scenario, "run.json"))
     predictions = scoring.to_unit_interval(result.scores_KxC[_SUBMIT.value])
     challenge.write_bundle(os.path.join(workdir, "bundle"), scenario,
                            result.challenge, predictions, result.epsilon_K)

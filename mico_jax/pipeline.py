@@ -45,11 +45,12 @@ class ScenarioResult:
 
 
 @functools.cache
-def make_trainer(model, config: train.TrainConfig, len_training: int
-                ) -> train.Trainer:
+def make_trainer(model, config: train.TrainConfig, len_training: int,
+                 unroll: bool = False) -> train.Trainer:
   """The trainer for one recipe: shuffled epochs, or DP-SGD if `config.dp`.
 
   Cached: an equal trainer is the same jit key, so waves compile once.
+  `unroll`: see `train.Trainer`.
   """
   if config.dp is None:
     sampler = train.EpochShuffle(len_training, config.batch_size)
@@ -64,7 +65,7 @@ def make_trainer(model, config: train.TrainConfig, len_training: int
                                 mechanism.expected_batch_size)
   return train.Trainer(
       model, train.make_optimizer(config, sampler.steps_per_epoch), sampler,
-      gradient_fn)
+      gradient_fn, unroll)
 
 
 def describe_training(model, config: train.TrainConfig, dataset: Dataset,
@@ -94,7 +95,7 @@ def init_state(trainer: train.Trainer, key_K: jax.Array, example_x: jax.Array,
 def train_models(model, config: train.TrainConfig, dataset: Dataset,
                  challenge: challenge_lib.Challenge, log: Log | None = print,
                  mesh: Mesh | None = None, checkpoint_dir: str | None = None,
-                 save_every: int = 0):
+                 save_every: int = 0, unroll: bool = False):
   """Trains every model of the challenge together, sharded over the mesh.
 
   K is padded to a multiple of the mesh's models axis with copies of the last
@@ -110,6 +111,7 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
     checkpoint_dir: if given, resume from the latest checkpoint there and save
       every `save_every` steps (0: only at the end) and at the end.
     save_every: steps between checkpoints.
+    unroll: unroll each epoch's steps (see `train.Trainer`); speed only.
 
   Returns:
     Stacked params of the K models, as host arrays.
@@ -119,7 +121,7 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
   padded = challenge.select(parallel.pad_indices(num_models, mesh))
   if log:
     log(parallel.describe(mesh, num_models))
-  trainer = make_trainer(model, config, padded.train_KxT.shape[1])
+  trainer = make_trainer(model, config, padded.train_KxT.shape[1], unroll)
   key_K = parallel.put_models(np.asarray(train.model_keys(padded.seeds_Kx3)),
                               mesh)
   example_x = jnp.asarray(dataset.x[0])
@@ -173,6 +175,8 @@ class Execution:
       reuses or resumes them. None keeps nothing.
     save_every: training steps between checkpoints (0: only at the end).
     reuse_only: only reuse trained models and statistics; never train.
+    unroll: unroll each epoch's training steps (see `train.Trainer`): XLA's
+      CPU backend runs convolutions far faster outside loops.
   """
 
   mesh: Mesh | None = None
@@ -180,6 +184,7 @@ class Execution:
   directory: str | None = None
   save_every: int = 0
   reuse_only: bool = False
+  unroll: bool = False
 
 
 def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
@@ -206,7 +211,7 @@ def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
       model, config, dataset, challenge, log, execution.mesh,
       execution.directory and os.path.join(execution.directory,
                                            "checkpoints", name),
-      execution.save_every)
+      execution.save_every, execution.unroll)
   if log:
     log(f"statistics pass: {challenge.num_models} models x {len(dataset)}"
         f" points x {len(queries)} queries")

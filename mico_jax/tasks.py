@@ -1,16 +1,29 @@
 """Tasks as code: a data pool, a model, MICO's split sizes and one recipe per scenario.
 
 Scenarios follow MICO: `inf` (no DP), `hi` (epsilon = 10), `lo` (epsilon = 4).
+
+Each MICO task comes twice: at MICO's scale (`cifar10`, `sst2`, `purchase100`;
+meant for accelerators) and as a `_cpu` variant that runs on 2 CPU cores in
+minutes. Each task's comment says what differs from MICO. Location, not part
+of MICO, stands in for Purchase-100 (same file format, same recipe), because
+Purchase-100 is not available offline.
+
+Data: `load(data_dir)`. With `data_dir`, files are read in the layout of the
+project's shared data folder (`cifar10/cifar10_jpeg.npz`, `sst2/train.tsv` and
+`sst2/dev.tsv`, `location/bangkok`, `purchase100/dataset_purchase`); without,
+CIFAR-10 and SST-2 come from TFDS's prepared data (`tfds.data_source`), and the
+tabular tasks, which TFDS does not have, raise a `DataError`.
 """
 
 import dataclasses
+import functools
+import os
 from typing import Callable, Mapping
-
-import dataclasses
 
 import flax.linen as nn
 
 from mico_jax import data, models
+from mico_jax.data import cifar10, sst2, tabular
 from mico_jax.dp import DPConfig
 from mico_jax.train import TrainConfig
 
@@ -59,21 +72,92 @@ class Task:
 
   Attributes:
     name: the task's flag value.
-    load: returns the pool (`Dataset`); may read files, so called lazily.
+    load: data folder (or None) -> the pool (`Dataset`); reads files, so
+      called lazily.
     make_model: number of classes -> flax module.
+    pool_size: N, the size of the pool `load` returns from the documented data.
     len_training: n, each model's training-set size.
     len_challenge: m, members (and non-members) per model's challenge.
     scenarios: recipe per scenario name.
     default_models: models per scenario when the user does not say.
+    wave_size: models trained at once by default (0: all); see
+      `pipeline.Execution`. Changes speed, not results.
+    unroll: unroll training steps (see `train.Trainer`). Changes speed, not
+      results.
   """
 
   name: str
-  load: Callable[[], data.Dataset]
+  load: Callable[[str | None], data.Dataset]
   make_model: Callable[[int], nn.Module]
+  pool_size: int
   len_training: int
   len_challenge: int
   scenarios: Mapping[str, TrainConfig]
   default_models: int = 200
+  wave_size: int = 0
+  unroll: bool = False
+
+
+def _local_file(data_dir: str | None, task: str, *parts: str) -> str:
+  """`data_dir/parts...`, or a DataError if the task has no data folder."""
+  where = os.path.join(*parts)
+  if data_dir is None:
+    raise data.DataError(
+        f"task {task} reads local files: pass --data_dir, a folder holding"
+        f" {where}")
+  return os.path.join(data_dir, where)
+
+
+def load_cifar10(data_dir: str | None, pool_size: int | None = None
+                 ) -> data.Dataset:
+  """CIFAR-10 (N = 60,000): `data_dir`'s JPEG archive, else TFDS.
+
+  Args:
+    data_dir: folder holding `cifar10/cifar10_jpeg.npz`, or None for TFDS.
+    pool_size: keep a seeded random subset of this many points.
+  """
+  if data_dir is None:
+    dataset = cifar10.load_cifar10_tfds()
+  else:
+    dataset = cifar10.load_cifar10_npz(
+        os.path.join(data_dir, "cifar10", "cifar10_jpeg.npz"))
+  return data.subset(dataset, pool_size) if pool_size else dataset
+
+
+def load_sst2(data_dir: str | None, pool_size: int | None = None
+              ) -> data.Dataset:
+  """SST-2 (N = 68,221): `data_dir`'s GLUE TSVs, else TFDS; tokenized.
+
+  The vocabulary (10,000 ids) is built from the pool after subsetting, so a
+  small pool gets no embeddings for words it never contains.
+
+  Args:
+    data_dir: folder holding `sst2/train.tsv` and `sst2/dev.tsv`, or None for
+      TFDS.
+    pool_size: keep a seeded random subset of this many sentences.
+  """
+  if data_dir is None:
+    sentences, labels = sst2.read_sst2_tfds()
+  else:
+    sentences, labels = sst2.read_sst2_tsv(os.path.join(data_dir, "sst2"))
+  if pool_size:
+    idx = data.subset_indices(len(labels), pool_size)
+    sentences, labels = [sentences[i] for i in idx], labels[idx]
+  return sst2.encode_text(sentences, labels, "sst2")
+
+
+def load_purchase100(data_dir: str | None, pool_size: int | None = None
+                     ) -> data.Dataset:
+  """Purchase-100 (N = 197,324) from `data_dir/purchase100/dataset_purchase`."""
+  dataset = tabular.load_purchase100(
+      _local_file(data_dir, "purchase100", "purchase100", "dataset_purchase"))
+  return data.subset(dataset, pool_size) if pool_size else dataset
+
+
+def load_location(data_dir: str | None) -> data.Dataset:
+  """Location (N = 5,010) from `data_dir/location/bangkok`."""
+  return tabular.load_location(
+      _local_file(data_dir, "location", "location", "bangkok"))
 
 
 # The embedded default: 1,797 8x8 digits, an MLP that overfits its 900 points
@@ -83,8 +167,9 @@ class Task:
 # at epsilon = 4.
 DIGITS = Task(
     name="digits",
-    load=data.load_digits,
+    load=lambda data_dir: data.load_digits(),
     make_model=lambda num_classes: models.MLP(num_classes, (128,)),
+    pool_size=1797,
     len_training=900,
     len_challenge=100,
     scenarios=mico_scenarios(
@@ -95,4 +180,136 @@ DIGITS = Task(
     default_models=128,
 )
 
-TASKS: dict[str, Task] = {task.name: task for task in (DIGITS,)}
+# MICO's CIFAR-10 track: its CNN, train + test pooled, n = 50,000; plain SGD
+# (no momentum) for 50 epochs, lr decayed x0.96 every epoch: lr 0.005 and
+# batch 32 without DP, lr 0.5 and expected batch 512 with DP (C = 2.6).
+CIFAR10 = Task(
+    name="cifar10",
+    load=load_cifar10,
+    make_model=lambda num_classes: models.CNN(num_classes),
+    pool_size=60_000,
+    len_training=50_000,
+    len_challenge=100,
+    scenarios=MICO_RECIPES["cifar10"],
+)
+
+# CIFAR-10 on 2 CPU cores. Differs from MICO's: a seeded pool of 2,000 of the
+# 60,000 images with n = 1,000 (each point IN for ~50% of models, not ~83%);
+# the CNN's channels 16-32-32 instead of 128-256-256 (~1/45 of the FLOPs);
+# SGD with momentum 0.9 and lr 0.01 for 30 epochs (MICO's plain lr 0.005
+# barely moves in the ~600 steps a small pool gives); 32 models. With DP:
+# MICO's SGD lr 0.5 decayed x0.96 per epoch and C = 2.6, but an expected batch
+# of 128 (q = 0.128) for 20 epochs. Trained one model at a time with unrolled
+# steps, the fast way for convolutions on CPU.
+CIFAR10_CPU = Task(
+    name="cifar10_cpu",
+    load=functools.partial(load_cifar10, pool_size=2_000),
+    make_model=lambda num_classes: models.CNN(num_classes, (16, 32, 32)),
+    pool_size=2_000,
+    len_training=1_000,
+    len_challenge=100,
+    scenarios=mico_scenarios(
+        inf=TrainConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9,
+                        batch_size=32, epochs=30, decay_every=1,
+                        decay_rate=0.96),
+        dp_base=TrainConfig(optimizer="sgd", learning_rate=0.5, batch_size=128,
+                            epochs=20, decay_every=1, decay_rate=0.96)),
+    default_models=32,
+    wave_size=1,
+    unroll=True,
+)
+
+# MICO's SST-2 track: train + validation pooled, n = 67,349 (a point is IN for
+# ~99% of models), 3 epochs at a constant lr, as MICO's: batch 96 without DP;
+# expected batch 1,024 and C = 0.1 with DP. Differs: MICO fine-tunes
+# pretrained RoBERTa-base (lr 5e-5, 5e-4 with DP; BPE, 67 tokens); we cannot
+# fetch its weights, so a `BagOfEmbeddings` classifier over a word-level
+# vocabulary of 10,000 (64 tokens) is trained from scratch, with Adam at lr
+# 1e-3. `models.TextClassifier` takes a pretrained encoder in its place.
+SST2 = Task(
+    name="sst2",
+    load=load_sst2,
+    make_model=lambda num_classes: models.TextClassifier(
+        num_classes, models.BagOfEmbeddings(10_000)),
+    pool_size=68_221,
+    len_training=67_349,
+    len_challenge=100,
+    scenarios=mico_scenarios(
+        inf=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=96,
+                        epochs=3),
+        dp_base=TrainConfig(optimizer="adam", learning_rate=1e-3,
+                            batch_size=1024, epochs=3),
+        clip_norm=0.1),
+)
+
+# SST-2 on 2 CPU cores. Differs from `sst2`: a seeded pool of 4,000 of the
+# 68,221 sentences with n = 2,000 (each point IN for ~50% of models, not ~99%:
+# with 99% there are almost no OUT shadows), batch 32 and 20 epochs so the
+# small model can memorise; 64 models. With DP: expected batch 128 (q = 1/16)
+# for 10 epochs, Adam lr 1e-3, MICO's C = 0.1.
+SST2_CPU = Task(
+    name="sst2_cpu",
+    load=functools.partial(load_sst2, pool_size=4_000),
+    make_model=lambda num_classes: models.TextClassifier(
+        num_classes, models.BagOfEmbeddings(10_000)),
+    pool_size=4_000,
+    len_training=2_000,
+    len_challenge=100,
+    scenarios=mico_scenarios(
+        inf=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=32,
+                        epochs=20),
+        dp_base=TrainConfig(optimizer="adam", learning_rate=1e-3,
+                            batch_size=128, epochs=10),
+        clip_norm=0.1),
+    default_models=64,
+)
+
+# MICO's Purchase-100 track: N = 197,324, n = 150,000; MLP 600-128-100 (tanh),
+# Adam lr 1e-3 decayed x0.9 every 5 epochs, batch 512, 30 epochs, with and
+# without DP (C = 2.6).
+PURCHASE100 = Task(
+    name="purchase100",
+    load=load_purchase100,
+    make_model=lambda num_classes: models.MLP(num_classes, (128,)),
+    pool_size=197_324,
+    len_training=150_000,
+    len_challenge=100,
+    scenarios=MICO_RECIPES["purchase100"],
+)
+
+# Purchase-100 on 2 CPU cores. Differs from MICO's: a seeded pool of 20,000
+# records with n = 10,000 (each point IN for ~50% of models, not ~76%); 64
+# models. Same model and recipes.
+PURCHASE100_CPU = Task(
+    name="purchase100_cpu",
+    load=functools.partial(load_purchase100, pool_size=20_000),
+    make_model=lambda num_classes: models.MLP(num_classes, (128,)),
+    pool_size=20_000,
+    len_training=10_000,
+    len_challenge=100,
+    scenarios=MICO_RECIPES["purchase100"],
+    default_models=64,
+)
+
+# Location (Shokri et al.; 5,010 records, 446 binary features, 30 classes) in
+# MICO's tabular structure: MLP 446-128-30 with Purchase-100's recipe, 200
+# models with m = 100, and n = 2,500 so each point is IN for ~50% of models.
+# Small enough for CPU at full structure. With DP, MICO's expected batch of 512
+# is a fifth of n (q = 0.2, 150 steps), not 1/293 as on Purchase-100.
+LOCATION = Task(
+    name="location",
+    load=load_location,
+    make_model=lambda num_classes: models.MLP(num_classes, (128,)),
+    pool_size=5_010,
+    len_training=2_500,
+    len_challenge=100,
+    scenarios=MICO_RECIPES["purchase100"],
+)
+
+# Location with 64 models instead of 200; otherwise as `location`.
+LOCATION_CPU = dataclasses.replace(LOCATION, name="location_cpu",
+                                   default_models=64)
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    DIGITS, CIFAR10, CIFAR10_CPU, SST2, SST2_CPU, PURCHASE100, PURCHASE100_CPU,
+    LOCATION, LOCATION_CPU)}

@@ -215,8 +215,9 @@ def test_waves_equal_one_wave():
   dataset = data.Dataset("toy", x, x[:, :3].argmax(1).astype(np.int32), 3,
                          "tabular")
   config = train.TrainConfig(learning_rate=0.01, batch_size=25, epochs=2)
-  task = tasks.Task("toy", lambda: dataset, lambda c: models.MLP(c, (16,)),
-                    100, 20, {"inf": config})
+  task = tasks.Task("toy", lambda data_dir: dataset,
+                    lambda c: models.MLP(c, (16,)), 300, 100, 20,
+                    {"inf": config})
   results = [pipeline.run_scenario(
       task, config, dataset, 32, 0, ["loss", "lira_online"], (stats.IDENTITY,),
       log=None, execution=pipeline.Execution(wave_size=wave))

@@ -38,6 +38,18 @@ def test_vmapped_training_equals_training_each_model_alone(setup, optimizer):
   assert not np.allclose(leaf[0], leaf[1])
 
 
+def test_unrolled_training_equals_looped_training(setup):
+  dataset, chal = setup
+  config = train.TrainConfig(learning_rate=0.01, batch_size=32, epochs=2)
+  model = models.MLP(3, (16,))
+  looped = pipeline.train_models(model, config, dataset, chal, log=None)
+  unrolled = pipeline.train_models(model, config, dataset, chal, log=None,
+                                   unroll=True)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      looped, unrolled)
+
+
 def test_training_reduces_loss_and_resumes_mid_run(setup):
   dataset, chal = setup
   x, y = dataset.x, dataset.y

@@ -53,6 +53,24 @@ class Dataset:
     return len(self.y)
 
 
+def subset_indices(pool_size: int, size: int, seed: int = 0) -> np.ndarray:
+  """A seeded random choice of `size` of `pool_size` indices, in pool order.
+
+  Raises:
+    DataError: `size` is not in `[1, pool_size]`.
+  """
+  if not 1 <= size <= pool_size:
+    raise DataError(f"cannot take {size} of {pool_size} points")
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(pool_size, size, replace=False))
+
+
+def subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
+  """The points `subset_indices(len(dataset), size, seed)` of `dataset`."""
+  idx = subset_indices(len(dataset), size, seed)
+  return dataclasses.replace(dataset, x=dataset.x[idx], y=dataset.y[idx])
+
+
 def load_digits() -> Dataset:
   """scikit-learn's bundled 8x8 handwritten digits: 1,797 images, 10 classes.
 
