@@ -52,9 +52,9 @@ from flax import traverse_util
 from flax.linen import linear
 import jax
 import jax.numpy as jnp
-import optax
 
 from mico_jax import accounting
+from mico_jax.models import cross_entropy
 
 PyTree = Any
 
@@ -312,10 +312,6 @@ def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
   return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO) ** 2, (1, 2))
 
 
-def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-
 def _output_gradients(apply_fn, params, x, y):
   """Per-example losses; each dense/conv call, its input and ∂loss_b/∂z_b."""
   calls = []
@@ -324,7 +320,7 @@ def _output_gradients(apply_fn, params, x, y):
 
   def loss_sum(perturbs):
     logits, layer_inputs, _ = _tapped_apply(apply_fn, params, x, perturbs, [])
-    losses = _cross_entropy(logits, y)
+    losses = cross_entropy(logits, y)
     # Examples are independent, so ∂(Σ loss)/∂z_b = ∂loss_b/∂z_b.
     return losses.sum(), (losses, layer_inputs)
 
@@ -389,7 +385,7 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   if rest:
     def loss_one(rest_params, x_one, y_one):
       full = traverse_util.unflatten_dict({**flat, **rest_params})
-      return _cross_entropy(apply_fn(full, x_one[None]), y_one[None])[0]
+      return cross_entropy(apply_fn(full, x_one[None]), y_one[None])[0]
 
     rest_losses_B, rest_grads_B = jax.vmap(
         jax.value_and_grad(loss_one), in_axes=(None, 0, 0))(rest, x, y)

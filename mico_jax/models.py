@@ -9,6 +9,13 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example loss of a classifier: `-log softmax(logits)[label]`."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
 
 # PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
 # weights (kaiming_uniform with a = sqrt(5)) and for biases.

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from mico_jax.dp import DPConfig
+from mico_jax.models import cross_entropy
 
 PyTree = Any
 
@@ -116,10 +117,6 @@ class TrainState(NamedTuple):
   sampler_state: PyTree
   key_K: jax.Array  # raw uint32 keys [K, 2]
   step: jax.Array  # scalar, shared by all models
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 GradientFn = Callable[..., tuple[jax.Array, PyTree]]
