@@ -21,11 +21,16 @@ needed; tests check equality with torch where it is installed.
 
 MICO's bundle layout is `<scenario>/<phase>/model_<i>/` holding the seed files,
 `solution.csv` (0/1 per challenge point) and `prediction.csv`; 200 models a
-scenario split into phases train (100), dev (50) and final (50).
+scenario split into phases train (100), dev (50) and final (50). Both csv files
+are written as MICO and its starting kit write them, one comma-separated row
+(`csv.writer(f).writerow(values)`); `read_values` reads that and the
+one-value-per-line form, which MICO's scorer (`np.loadtxt(delimiter=",")`)
+also accepts.
 """
 
 import dataclasses
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -203,6 +208,39 @@ def model_dir(root: str, scenario: str, phase: str, model: int) -> str:
   return os.path.join(root, scenario, phase, f"model_{model}")
 
 
+def write_values(path: str, values: np.ndarray) -> None:
+  """Writes one comma-separated row, as MICO's `solution.csv`/`prediction.csv`.
+
+  Integers stay integers; floats are written in their shortest exact form.
+  """
+  values = np.asarray(values).ravel()
+  with open(path, "w") as f:
+    f.write(",".join(map(repr if values.dtype.kind == "f" else str,
+                         values.tolist())) + "\n")
+
+
+def read_values(path: str) -> np.ndarray:
+  """A `solution.csv`/`prediction.csv` as float64 `[C]`.
+
+  Accepts one comma-separated row (MICO's form) or one value per line; raises
+  ChallengeError naming the file for anything else (unreadable, empty, a
+  table of several rows and columns). Values are not range-checked here.
+  """
+  try:
+    with warnings.catch_warnings():  # an empty file is refused below
+      warnings.simplefilter("ignore", UserWarning)
+      table = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+  except (OSError, ValueError) as e:
+    raise ChallengeError(f"{path}: cannot read numbers ({e})") from e
+  if table.size == 0:
+    raise ChallengeError(f"{path}: no values")
+  if min(table.shape) != 1:
+    raise ChallengeError(
+        f"{path}: expected one row or one column of values, got a"
+        f" {table.shape[0]}x{table.shape[1]} table")
+  return table.ravel()
+
+
 def write_bundle(root: str, scenario: str, challenge: Challenge,
                  predictions_KxC: np.ndarray | None = None,
                  epsilon_K: np.ndarray | None = None) -> None:
@@ -227,11 +265,10 @@ def write_bundle(root: str, scenario: str, challenge: Challenge,
     for name, seed in zip(SEED_FILES, challenge.seeds_Kx3[k]):
       with open(os.path.join(path, name), "w") as f:
         f.write(f"{int(seed)}\n")
-    np.savetxt(os.path.join(path, "solution.csv"),
-               challenge.member_KxC[k].astype(int), fmt="%d")
+    write_values(os.path.join(path, "solution.csv"),
+                 challenge.member_KxC[k].astype(int))
     if predictions_KxC is not None:
-      np.savetxt(os.path.join(path, "prediction.csv"), predictions_KxC[k],
-                 fmt="%.17g")
+      write_values(os.path.join(path, "prediction.csv"), predictions_KxC[k])
     if epsilon_K is not None:
       with open(os.path.join(path, "epsilon"), "w") as f:
         f.write(f"{epsilon_K[k]:.3f}\n")
@@ -271,4 +308,9 @@ def read_bundle(root: str, scenario: str, pool_size: int, len_training: int,
   paths = [os.path.join(path, "prediction.csv") for _, _, path in models]
   if not all(os.path.exists(p) for p in paths):
     return challenge, None
-  return challenge, np.stack([np.loadtxt(p, ndmin=1) for p in paths])
+  predictions = [read_values(p) for p in paths]
+  for path, values in zip(paths, predictions):
+    if values.shape != (2 * len_challenge,):
+      raise ChallengeError(f"{path}: {values.size} predictions, expected"
+                           f" {2 * len_challenge}")
+  return challenge, np.stack(predictions)

@@ -178,8 +178,8 @@ def test_bundle_round_trip(chal, tmp_path):
   np.testing.assert_array_equal(back.member_KxC, chal.member_KxC)
   assert back.phases == chal.phases
   np.testing.assert_array_equal(back_predictions, predictions)
-  solution = np.loadtxt(tmp_path / "inf" / "dev" / f"model_{K // 2}"
-                        / "solution.csv")
+  solution = challenge_lib.read_values(
+      str(tmp_path / "inf" / "dev" / f"model_{K // 2}" / "solution.csv"))
   np.testing.assert_array_equal(solution, chal.member_KxC[K // 2])
 
 
@@ -187,3 +187,47 @@ def test_bundle_refuses_predictions_outside_unit_interval(chal, tmp_path):
   with pytest.raises(challenge_lib.ChallengeError, match=r"\[0, 1\]"):
     challenge_lib.write_bundle(str(tmp_path), "inf", chal,
                                np.full((K, 2 * m), 1.5))
+
+
+def test_bundle_csv_is_one_row_as_mico_writes_it(chal, tmp_path):
+  predictions = np.random.default_rng(1).random((K, 2 * m))
+  challenge_lib.write_bundle(str(tmp_path), "inf", chal, predictions)
+  folder = tmp_path / "inf" / "train" / "model_0"
+  solution = (folder / "solution.csv").read_text()
+  assert solution.count("\n") == 1 and solution.count(",") == 2 * m - 1
+  assert set(solution.strip().split(",")) == {"0", "1"}
+  # MICO's scorer reads both files with np.loadtxt(..., delimiter=",").
+  np.testing.assert_array_equal(
+      np.loadtxt(folder / "solution.csv", delimiter=","), chal.member_KxC[0])
+  np.testing.assert_array_equal(
+      np.loadtxt(folder / "prediction.csv", delimiter=","), predictions[0])
+
+
+@pytest.mark.parametrize("text", [
+    "0.25,1,0,0.5\n", "0.25,1,0,0.5\r\n", "0.25\n1\n0\n0.5\n",
+    "0.25\r\n1\r\n0\r\n0.5", "0.25, 1, 0, 0.5"])
+def test_read_values_reads_a_row_or_a_column(text, tmp_path):
+  path = tmp_path / "prediction.csv"
+  path.write_text(text, newline="")
+  np.testing.assert_array_equal(challenge_lib.read_values(str(path)),
+                                [0.25, 1, 0, 0.5])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "no values"), ("0.1,0.2\n0.3,0.4\n", "2x2 table"),
+    ("0.1,abc\n", "cannot read numbers")])
+def test_read_values_refuses_other_files(text, match, tmp_path):
+  path = tmp_path / "prediction.csv"
+  path.write_text(text)
+  with pytest.raises(challenge_lib.ChallengeError,
+                     match=f"prediction.csv: .*{match}"):
+    challenge_lib.read_values(str(path))
+
+
+def test_read_bundle_refuses_predictions_of_wrong_length(chal, tmp_path):
+  challenge_lib.write_bundle(str(tmp_path), "inf", chal,
+                             np.full((K, 2 * m), 0.5))
+  (tmp_path / "inf" / "dev" / "model_3" / "prediction.csv").write_text("0.5\n")
+  with pytest.raises(challenge_lib.ChallengeError,
+                     match="model_3/prediction.csv: 1 predictions"):
+    challenge_lib.read_bundle(str(tmp_path), "inf", N, n, m)
