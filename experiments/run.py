@@ -33,6 +33,7 @@ jax.distributed run, and only process 0 writes outputs and logs.
 
 import dataclasses
 import os
+import re
 import signal
 import sys
 import time
@@ -209,9 +210,10 @@ def _validate(log: Log = print) -> Plan:
   configs = {s: _scenario_config(task, s, log) for s in scenarios}
   overrides = [f"--{name}" for name in _DP_FLAGS if _present(name)]
   if overrides and all(c.dp is None for c in configs.values()):
-    raise UserError(f"{', '.join(overrides)} set the privacy of DP scenarios"
-                    f" ({', '.join(s for s in task.scenarios if task.scenarios[s].dp)}),"
-                    f" but --scenario={','.join(scenarios)} has none")
+    with_dp = [s for s, c in task.scenarios.items() if c.dp is not None]
+    raise UserError(f"{', '.join(overrides)}: only DP scenarios"
+                    f" ({', '.join(with_dp)}) have privacy to set, but"
+                    f" --scenario={','.join(scenarios)} has none")
   return Plan(task, num_models, configs,
               task.wave_size if _WAVE_SIZE.value is None else _WAVE_SIZE.value,
               _warnings(num_models))
@@ -226,10 +228,15 @@ def _scenario_config(task: Task, scenario: str, log: Log) -> TrainConfig:
     return config
   overrides = {name: flags.FLAGS[name].value for name in _DP_FLAGS
                if flags.FLAGS[name].value is not None}
-  config = dataclasses.replace(
-      config, dp=dataclasses.replace(config.dp, **overrides))
-  log(f"[{scenario}] calibrating DP-SGD's noise to epsilon {config.dp.epsilon}")
-  dp.calibrate(config.dp, task.len_training, config.batch_size, config.epochs)
+  try:
+    config = dataclasses.replace(
+        config, dp=dataclasses.replace(config.dp, **overrides))
+    log(f"[{scenario}] calibrating DP-SGD's noise to epsilon"
+        f" {config.dp.epsilon}")
+    dp.calibrate(config.dp, task.len_training, config.batch_size,
+                 config.epochs)
+  except dp.DPError as e:
+    raise dp.DPError(f"scenario {scenario}: {e}") from e
   return config
 
 
@@ -406,6 +413,11 @@ class _Terminal:
       self.log_file.write(message + "\n")
 
 
+# TensorStore (under orbax) reports a failed write as text with the errno.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_QUOTED_PATH = re.compile(r'"(/[^"]+)"')
+
+
 def _system_error(e: BaseException) -> str:
   """One line for a fault outside our checks: an OS error if one caused it."""
   cause = e
@@ -415,6 +427,11 @@ def _system_error(e: BaseException) -> str:
     where = f"{cause.filename}: " if cause.filename else ""
     return f"{where}{cause.strerror}"
   text = str(e).strip()
+  code = _OS_ERROR_CODE.search(text)
+  if code:
+    path = _QUOTED_PATH.search(text)
+    return (f"{path.group(1) + ': ' if path else ''}"
+            f"{os.strerror(int(code.group(1)))}")
   return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 

@@ -142,9 +142,11 @@ class TrainCheckpoints:
       state = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state))).state
     except Exception as e:  # pylint: disable=broad-except
+      # TensorStore's messages end in a long dump; its first sentence says it.
+      detail = str(e).split(". See full")[0].splitlines()[0][:200] if str(
+          e) else ""
       raise _Damaged(f"{path}: unreadable state ({type(e).__name__}:"
-                     f" {str(e).splitlines()[0][:200] if str(e) else ''})"
-                     ) from e
+                     f" {detail})") from e
     if np.asarray(checksums(state)).tolist() != meta.get("checksums"):
       raise _Damaged(f"{path}: state does not match its checksums")
     return state

@@ -12,9 +12,9 @@ honest:
   the code version that trained them: a run of another configuration or code
   is refused before anything in the folder changes;
 * outputs are written under a staging folder (`.partial/`) and published by
-  renames at the end, after the previous run's outputs were removed, so old
-  and new results never sit side by side and a run that stops early leaves
-  none.
+  renames at the end, right after the previous run's outputs are removed, so
+  old and new results never sit side by side, and a run that stops early
+  leaves the previous run's results (of the same configuration) as they were.
 """
 
 import errno
@@ -67,8 +67,8 @@ class Workdir:
   """The folder of one run; use as a context manager around the run.
 
   Entering takes the lock, checks the manifest (writing it for a new folder),
-  checks every folder inside is writable and removes the previous run's
-  outputs and any staging folder; leaving releases the lock.
+  checks that every folder inside is writable and removes any staging folder
+  left by a run that stopped; leaving releases the lock.
 
   Args:
     path: the folder (created if missing).
@@ -99,9 +99,8 @@ class Workdir:
     self._lock()
     try:
       manifest = self._check_manifest()
-      self._remove_outputs(manifest.get("outputs", []))
       self._check_writable()
-      manifest["outputs"] = []
+      self._remove([STAGING])
       write_json(manifest, os.path.join(self.path, MANIFEST))
     except BaseException:
       self._unlock()
@@ -178,8 +177,8 @@ class Workdir:
           " use another --workdir or delete it")
     return manifest
 
-  def _remove_outputs(self, outputs: list[str]) -> None:
-    for name in [STAGING, *outputs]:
+  def _remove(self, names: list[str]) -> None:
+    for name in names:
       path = os.path.join(self.path, name)
       try:
         if os.path.isdir(path):
@@ -214,18 +213,24 @@ class Workdir:
     return path
 
   def publish(self) -> None:
-    """Moves the outputs into the workdir, in the order first asked for.
+    """Replaces the previous run's outputs with this run's.
 
-    The manifest lists them first, so the next run removes them even if this
-    one stops halfway through publishing.
+    The new ones move in the order first asked for (put the file that marks
+    a complete run last). The manifest lists old and new outputs until all
+    are in place, so a run that stops halfway leaves nothing unlisted.
     """
-    manifest = _read_json(os.path.join(self.path, MANIFEST))
-    manifest["outputs"] = list(self._outputs)
-    write_json(manifest, os.path.join(self.path, MANIFEST))
+    path = os.path.join(self.path, MANIFEST)
+    manifest = _read_json(path)
+    old = manifest.get("outputs", [])
+    manifest["outputs"] = old + [n for n in self._outputs if n not in old]
+    write_json(manifest, path)
+    self._remove(old)
     for name in self._outputs:
       source = os.path.join(self.staging, name)
       if os.path.lexists(source):
         target = os.path.join(self.path, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(source, target)
+    manifest["outputs"] = list(self._outputs)
+    write_json(manifest, path)
     shutil.rmtree(self.staging, ignore_errors=True)
