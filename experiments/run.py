@@ -452,8 +452,6 @@ def main(argv):
   signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     plan = _validate(terminal.progress)
-    for warning in plan.warnings:
-      terminal.say(f"warning: {warning}")
     # Before any other JAX use: it decides which devices there are.
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                         _PROCESS_ID.value)
@@ -464,6 +462,8 @@ def main(argv):
                          checkpoint.code_version(),
                          must_exist=_ATTACKS_ONLY.value) as folder:
       terminal.divert(os.path.join(folder.path, workdir.LOG))
+      for warning in plan.warnings:
+        terminal.say(f"warning: {warning}")
       for note in folder.notes:
         terminal.progress(note)
       run(plan, folder, terminal.progress)
