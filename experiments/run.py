@@ -19,12 +19,15 @@ writes, under --workdir:
   manifest.json, .lock, run.log   the configuration and code version of the
                               folder's run, its lock, and the log (with
                               everything libraries print on stderr)
-Everything is checked before any work. One run at a time uses a workdir; a
-run of another configuration or code version is refused before anything
-changes. Outputs are written aside and published together at the end, after
-the previous run's are removed; scores.json last: a run that stops early
-leaves none. Every fault ends with one line on stderr and exit status 1 (130
-on Ctrl-C, after checkpointing the training).
+Every flag is checked before any work (`_validate`; what needs the data,
+right after loading it, in `_check_dataset`): to add a flag, define it and
+check it there. One run at a time uses a workdir (`mico_jax.workdir`); a run
+of another configuration or code version is refused before anything changes.
+Outputs are written aside (`folder.output(name)`) and replace the previous
+run's together at the end, scores.json last: a run that stops early leaves
+the earlier results as they were, never a mix. Every fault ends with one line
+on stderr and exit status 1 (130 on Ctrl-C, 143 on SIGTERM, after
+checkpointing the training); the details go to run.log.
 
 Models are sharded over all devices; with --coordinator_address (or
 JAX_COORDINATOR_ADDRESS) the job is one of several processes of a
@@ -164,7 +167,8 @@ def _validate(log: Log = print) -> Plan:
   """Checks every flag and every scenario's recipe; reads and writes nothing.
 
   A flag the run would ignore is an error, so that no one believes it took
-  effect. Checks that need the data are in `_check_dataset`.
+  effect (a warning where that is harmless). Checks that need the data are
+  in `_check_dataset`.
 
   Raises:
     UserError, challenge.ChallengeError, dp.DPError: what is wrong.
@@ -189,12 +193,15 @@ def _validate(log: Log = print) -> Plan:
                     " that reads it")
   if _DATA_DIR.value is not None and not os.path.isdir(_DATA_DIR.value):
     raise UserError(f"--data_dir {_DATA_DIR.value} is not a folder")
+  warnings = []
   if _ATTACKS_ONLY.value:
+    # Harmless: the training command rerun with --attacks_only added.
     ignored = [f"--{name}" for name in ("checkpoint_every",
-                                        "checkpoint_minutes", "wave_size")
+                                        "checkpoint_minutes")
                if _present(name)]
     if ignored:
-      raise UserError(f"{', '.join(ignored)}: --attacks_only never trains")
+      warnings.append(f"{', '.join(ignored)} ignored: --attacks_only never"
+                      " trains")
   if not (_COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS")):
     ignored = [f"--{name}" for name in ("num_processes", "process_id")
                if _present(name)]
@@ -214,9 +221,10 @@ def _validate(log: Log = print) -> Plan:
     raise UserError(f"{', '.join(overrides)}: only DP scenarios"
                     f" ({', '.join(with_dp)}) have privacy to set, but"
                     f" --scenario={','.join(scenarios)} has none")
+  warnings += _shadow_warnings(num_models)
   return Plan(task, num_models, configs,
               task.wave_size if _WAVE_SIZE.value is None else _WAVE_SIZE.value,
-              _warnings(num_models))
+              tuple(warnings))
 
 
 def _scenario_config(task: Task, scenario: str, log: Log) -> TrainConfig:
@@ -240,18 +248,18 @@ def _scenario_config(task: Task, scenario: str, log: Log) -> TrainConfig:
   return config
 
 
-def _warnings(num_models: int) -> tuple[str, ...]:
-  """A one-line warning for a run that works but is weaker than it looks."""
+def _shadow_warnings(num_models: int) -> list[str]:
+  """A warning if there are too few shadow models for the attacks."""
   phases = challenge.mico_phases(num_models)
   shadows = (num_models - 1 if _SHADOWS.value == "all" else
              max(phases.count("train") - 1, 0))
   needed = 2 * MIN_SHADOWS_FOR_VARIANCE
   if shadows < needed and set(_ATTACKS.value) - {"loss"}:
-    return (f"--num_models={num_models} leaves {shadows} shadow model(s) for"
+    return [f"--num_models={num_models} leaves {shadows} shadow model(s) for"
             f" some targets (--shadows={_SHADOWS.value}): LiRA needs at least"
             f" {MIN_SHADOWS_FOR_VARIANCE} IN and {MIN_SHADOWS_FOR_VARIANCE}"
-            " OUT shadows per point, and is unreliable with few",)
-  return ()
+            " OUT shadows per point, and is unreliable with few"]
+  return []
 
 
 def _check_dataset(dataset: data.Dataset, plan: Plan) -> None:
