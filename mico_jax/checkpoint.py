@@ -13,7 +13,10 @@ parameters and the statistics of the real (unpadded) models — in one npz, so
 attacks can be rerun without training.
 """
 
+import functools
+import glob
 import hashlib
+import importlib.metadata
 import json
 import os
 from typing import Any, Callable, Mapping
@@ -33,9 +36,36 @@ class CheckpointError(Exception):
   """A checkpoint or saved result that must not be used; says why."""
 
 
+@functools.cache
+def code_version() -> str:
+  """mico_jax's package version and a hash of its sources.
+
+  Saved state records it: a rerun with other code must not reuse models that
+  the old code trained. A hash of the sources, not `git describe`, so that
+  uncommitted changes and installs without git count too.
+  """
+  root = os.path.dirname(os.path.abspath(__file__))
+  digest = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(root, "**", "*.py"),
+                               recursive=True)):
+    digest.update(os.path.relpath(path, root).encode() + b"\0")
+    with open(path, "rb") as f:
+      digest.update(f.read() + b"\0")
+  try:
+    version = importlib.metadata.version("mico_jax")
+  except importlib.metadata.PackageNotFoundError:
+    version = "unknown"
+  return f"{version} sources {digest.hexdigest()[:12]}"
+
+
 def _normal(description: Mapping[str, Any]) -> dict[str, Any]:
   # As it reads back from JSON: tuples become lists, the rest strings.
   return json.loads(json.dumps(description, default=str))
+
+
+def _stamped(description: Mapping[str, Any]) -> dict[str, Any]:
+  """The description as saved: normalized, with the code version."""
+  return _normal({**description, "code_version": code_version()})
 
 
 def fingerprint(description: Mapping[str, Any]) -> str:
@@ -44,8 +74,9 @@ def fingerprint(description: Mapping[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _mismatch(path: str, saved: Mapping[str, Any],
-              wanted: Mapping[str, Any]) -> str:
+def mismatch(path: str, saved: Mapping[str, Any],
+             wanted: Mapping[str, Any]) -> str:
+  """Says how `path`'s saved configuration differs from the wanted one."""
   keys = sorted(k for k in set(saved) | set(wanted)
                 if saved.get(k) != wanted.get(k))
   shown = [f"{k} ({saved.get(k)} there, {wanted.get(k)} here)"
@@ -74,7 +105,8 @@ class TrainCheckpoints:
 
   Args:
     directory: the folder of step subfolders (created if missing).
-    description: JSON-able configuration; a checkpoint must match it exactly.
+    description: JSON-able configuration; a checkpoint must match it exactly
+      (and the code version).
     keep: how many checkpoints to keep; older good ones are the fallback
       when the latest is damaged.
   """
@@ -82,7 +114,7 @@ class TrainCheckpoints:
   def __init__(self, directory: str, description: Mapping[str, Any],
                keep: int = 2):
     self.directory = os.path.abspath(directory)
-    self.description = _normal(description)
+    self.description = _stamped(description)
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, cleanup_tmp_directories=True))
@@ -104,15 +136,17 @@ class TrainCheckpoints:
     except Exception as e:  # pylint: disable=broad-except
       raise _Damaged(f"{path}: unreadable metadata ({type(e).__name__})") from e
     if meta.get("fingerprint") != fingerprint(self.description):
-      raise CheckpointError(_mismatch(path, meta.get("description", {}),
+      raise CheckpointError(mismatch(path, meta.get("description", {}),
                                       self.description))
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state))).state
     except Exception as e:  # pylint: disable=broad-except
+      # TensorStore's messages end in a long dump; its first sentence says it.
+      detail = str(e).split(". See full")[0].splitlines()[0][:200] if str(
+          e) else ""
       raise _Damaged(f"{path}: unreadable state ({type(e).__name__}:"
-                     f" {str(e).splitlines()[0][:200] if str(e) else ''})"
-                     ) from e
+                     f" {detail})") from e
     if np.asarray(checksums(state)).tolist() != meta.get("checksums"):
       raise _Damaged(f"{path}: state does not match its checksums")
     return state
@@ -158,12 +192,17 @@ class _Damaged(Exception):
 
 def save_results(path: str, description: Mapping[str, Any], params: PyTree,
                  observed: stats_lib.Stats) -> None:
-  """Writes host params and statistics to `path` (npz) atomically."""
+  """Writes host params and statistics to `path` (npz) atomically.
+
+  The npz records `description` and the code version; `load_results` wants
+  both to match.
+  """
+  description = _stamped(description)
   arrays = {f"param_{i}": leaf
             for i, leaf in enumerate(jax.tree.leaves(params))}
   arrays.update(observed._asdict())
   arrays["fingerprint"] = np.array(fingerprint(description))
-  arrays["description"] = np.array(json.dumps(_normal(description)))
+  arrays["description"] = np.array(json.dumps(description))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
@@ -177,7 +216,8 @@ def load_results(path: str, description: Mapping[str, Any], params_like: PyTree
 
   Args:
     path: the npz file.
-    description: the configuration the results must come from.
+    description: the configuration the results must come from (with this
+      code version).
     params_like: a tree with the params' structure (e.g. abstract params).
 
   Raises:
@@ -185,6 +225,7 @@ def load_results(path: str, description: Mapping[str, Any], params_like: PyTree
   """
   if not os.path.exists(path):
     return None
+  description = _stamped(description)
   try:
     with np.load(path) as f:
       arrays = {name: f[name] for name in f.files}
@@ -196,5 +237,5 @@ def load_results(path: str, description: Mapping[str, Any], params_like: PyTree
     raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e});"
                           " delete it to recompute") from e
   if str(arrays["fingerprint"]) != fingerprint(description):
-    raise CheckpointError(_mismatch(path, saved, _normal(description)))
+    raise CheckpointError(mismatch(path, saved, description))
   return jax.tree.unflatten(treedef, leaves), observed

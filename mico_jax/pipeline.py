@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -98,7 +99,8 @@ def init_state(trainer: train.Trainer, key_K: jax.Array, example_x: jax.Array,
 def train_models(model, config: train.TrainConfig, dataset: Dataset,
                  challenge: challenge_lib.Challenge, log: Log | None = print,
                  mesh: Mesh | None = None, checkpoint_dir: str | None = None,
-                 save_every: int = 0, unroll: bool = False):
+                 save_every: int = 0, unroll: bool = False,
+                 save_seconds: float = 0):
   """Trains every model of the challenge together, sharded over the mesh.
 
   K is padded to a multiple of the mesh's models axis with copies of the last
@@ -112,9 +114,11 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
     log: progress messages, or None.
     mesh: devices to shard the models over; default all.
     checkpoint_dir: if given, resume from the latest checkpoint there and save
-      every `save_every` steps (0: only at the end) and at the end.
-    save_every: steps between checkpoints.
+      every `save_every` steps, every `save_seconds` (at the next epoch end
+      or checkpoint step), at the end and when interrupted.
+    save_every: steps between checkpoints; 0: none by steps.
     unroll: unroll each epoch's steps (see `train.Trainer`); speed only.
+    save_seconds: wall-clock seconds between checkpoints; 0: none by time.
 
   Returns:
     Stacked params of the K models, as host arrays.
@@ -146,10 +150,13 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
     state = init_state(trainer, key_K, example_x, mesh)
   train_KxT = parallel.put_models(padded.train_KxT, mesh)
   x_N, y_N = parallel.put_replicated((dataset.x, dataset.y), mesh)
-  state = train.train(trainer, state, train_KxT, x_N, y_N, config.epochs,
-                      log=log, save=save, save_every=save_every)
-  if checkpoints:
-    checkpoints.close()
+  try:
+    state = train.train(trainer, state, train_KxT, x_N, y_N, config.epochs,
+                        log=log, save=save, save_every=save_every,
+                        save_seconds=save_seconds)
+  finally:
+    if checkpoints:
+      checkpoints.close()  # an interrupted run's last save completes too
   return jax.tree.map(lambda a: a[:num_models], parallel.to_host(state.params))
 
 
@@ -176,7 +183,10 @@ class Execution:
     directory: where checkpoints (`checkpoints/models_<a>-<b>/`) and trained
       models with their statistics (`trained/models_<a>-<b>.npz`) go; a rerun
       reuses or resumes them. None keeps nothing.
-    save_every: training steps between checkpoints (0: only at the end).
+    save_every: training steps between checkpoints (0: none by steps).
+    save_minutes: wall-clock minutes between checkpoints, taken at the next
+      epoch end (0: none by time). Checkpoints are also taken at the end of
+      training and on KeyboardInterrupt.
     reuse_only: only reuse trained models and statistics; never train.
     unroll: unroll each epoch's training steps (see `train.Trainer`): XLA's
       CPU backend runs convolutions far faster outside loops.
@@ -186,6 +196,7 @@ class Execution:
   wave_size: int = 0
   directory: str | None = None
   save_every: int = 0
+  save_minutes: float = 0
   reuse_only: bool = False
   unroll: bool = False
 
@@ -214,11 +225,14 @@ def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
       model, config, dataset, challenge, log, execution.mesh,
       execution.directory and os.path.join(execution.directory,
                                            "checkpoints", name),
-      execution.save_every, execution.unroll)
+      execution.save_every, execution.unroll, execution.save_minutes * 60)
   if log:
     log(f"statistics pass: {challenge.num_models} models x {len(dataset)}"
         f" points x {len(queries)} queries")
+  start = time.perf_counter()
   observed = observe(model, params, dataset, queries, execution.mesh)
+  if log:
+    log(f"statistics pass done in {time.perf_counter() - start:.1f}s")
   if path and parallel.is_main_process():
     checkpoint.save_results(path, description, params, observed)
   return params, observed
@@ -290,7 +304,12 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
     shadow_K = np.array([p == "train" for p in challenge.phases])
   observations = attacks_lib.Observations(
       observed.stat_KxNxA, observed.loss_KxNxA, challenge.keep_KxN, shadow_K)
+  if log:
+    log(f"attacks: {', '.join(attack_names)} on {num_models} targets")
+  start = time.perf_counter()
   scores = attack_scores(observations, challenge, attack_names)
+  if log:
+    log(f"attacks done in {time.perf_counter() - start:.1f}s")
   metrics = scoring.score_phases(challenge.member_KxC, scores,
                                  challenge.phases)
   return ScenarioResult(challenge, params, observed, scores, metrics,

@@ -105,6 +105,7 @@ class Task:
       `pipeline.Execution`. Changes speed, not results.
     unroll: unroll training steps (see `train.Trainer`). Changes speed, not
       results.
+    embedded: the data ships with the code; `load` ignores its data folder.
   """
 
   name: str
@@ -117,6 +118,7 @@ class Task:
   default_models: int = 200
   wave_size: int = 0
   unroll: bool = False
+  embedded: bool = False
 
 
 def _local_file(data_dir: str | None, task: str, *parts: str) -> str:
@@ -129,6 +131,15 @@ def _local_file(data_dir: str | None, task: str, *parts: str) -> str:
   return os.path.join(data_dir, where)
 
 
+def _from_tfds(load: Callable[[], object], files: str):
+  """`load()`, whose error also says that --data_dir is the other source."""
+  try:
+    return load()
+  except data.DataError as e:
+    raise data.DataError(f"{e}; or pass --data_dir, a folder holding {files}"
+                         ) from e
+
+
 def load_cifar10(data_dir: str | None, pool_size: int | None = None
                  ) -> data.Dataset:
   """CIFAR-10 (N = 60,000): `data_dir`'s JPEG archive, else TFDS.
@@ -138,7 +149,7 @@ def load_cifar10(data_dir: str | None, pool_size: int | None = None
     pool_size: keep a seeded random subset of this many points.
   """
   if data_dir is None:
-    dataset = cifar10.load_cifar10_tfds()
+    dataset = _from_tfds(cifar10.load_cifar10_tfds, "cifar10/cifar10_jpeg.npz")
   else:
     dataset = cifar10.load_cifar10_npz(
         os.path.join(data_dir, "cifar10", "cifar10_jpeg.npz"))
@@ -158,7 +169,8 @@ def load_sst2(data_dir: str | None, pool_size: int | None = None
     pool_size: keep a seeded random subset of this many sentences.
   """
   if data_dir is None:
-    sentences, labels = sst2.read_sst2_tfds()
+    sentences, labels = _from_tfds(sst2.read_sst2_tfds,
+                                   "sst2/train.tsv and sst2/dev.tsv")
   else:
     sentences, labels = sst2.read_sst2_tsv(os.path.join(data_dir, "sst2"))
   if pool_size:
@@ -199,6 +211,7 @@ DIGITS = Task(
         dp_base=TrainConfig(optimizer="sgd", learning_rate=0.5,
                             batch_size=225, epochs=40)),
     default_models=128,
+    embedded=True,
 )
 
 # MICO's CIFAR-10 track: its CNN, train + test pooled, n = 50,000; plain SGD

@@ -253,12 +253,15 @@ def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,
           x_N: np.ndarray, y_N: np.ndarray, epochs: int,
           log: Callable[[str], None] | None = print,
           save: Callable[[TrainState], None] | None = None,
-          save_every: int = 0) -> TrainState:
+          save_every: int = 0, save_seconds: float = 0) -> TrainState:
   """Runs the remaining steps of `epochs` epochs, logging each epoch.
 
   Each jitted scan runs to the end of the epoch or to the next multiple of
   `save_every` steps, whichever comes first, so the state at a checkpoint is
   the one an uninterrupted run passes through, and few scan lengths compile.
+  The clock is read between scans: a save by time lands on a scan boundary
+  too, so resuming from it stays bit-exact. On KeyboardInterrupt the last
+  finished scan's state is saved before the interrupt goes on.
 
   Args:
     trainer: the trainer.
@@ -268,33 +271,48 @@ def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,
     y_N: the pool's labels.
     epochs: total epochs, counting those already done.
     log: progress messages, or None.
-    save: called with the state every `save_every` steps and at the end.
-    save_every: steps between saves; 0 saves only at the end.
+    save: called with the state every `save_every` steps, at the first scan
+      boundary `save_seconds` after the last save, at the end and when
+      interrupted.
+    save_every: steps between saves; 0: none by steps.
+    save_seconds: wall-clock seconds between saves; 0: none by time.
   """
   train_KxT, x_N, y_N = map(jnp.asarray, (train_KxT, x_N, y_N))
   per_epoch = trainer.sampler.steps_per_epoch
   total = epochs * per_epoch
   step = int(state.step)
   loss_sum_K, counted = 0.0, 0
-  start = time.perf_counter()
-  while step < total:
-    stop = (step // per_epoch + 1) * per_epoch
-    if save_every:
-      stop = min(stop, (step // save_every + 1) * save_every)
-    state, loss_K = trainer.run(state, train_KxT, x_N, y_N, stop - step)
-    loss_sum_K, counted = loss_sum_K + loss_K * (stop - step), counted + (
-        stop - step)
-    step = stop
-    if save and (step == total or (save_every and step % save_every == 0)):
-      save(state)
-    if step % per_epoch == 0:
+  start = last_save = time.perf_counter()
+  saved_step = step
+  try:
+    while step < total:
+      stop = (step // per_epoch + 1) * per_epoch
+      if save_every:
+        stop = min(stop, (step // save_every + 1) * save_every)
+      state, loss_K = trainer.run(state, train_KxT, x_N, y_N, stop - step)
+      loss_sum_K, counted = loss_sum_K + loss_K * (stop - step), counted + (
+          stop - step)
+      step = stop
+      if save and (step == total or (save_every and step % save_every == 0) or
+                   (save_seconds and
+                    time.perf_counter() - last_save >= save_seconds)):
+        save(state)
+        last_save, saved_step = time.perf_counter(), step
+      if step % per_epoch == 0:
+        if log:
+          # Reduced on the devices: the losses may live on other hosts.
+          loss_K = loss_sum_K / counted
+          mean, low, high = np.asarray(
+              jnp.stack([loss_K.mean(), loss_K.min(), loss_K.max()]))
+          log(f"epoch {step // per_epoch}/{epochs}  loss {mean:.4f}"
+              f" (min {low:.4f}, max {high:.4f})"
+              f"  {time.perf_counter() - start:.1f}s")
+        loss_sum_K, counted = 0.0, 0
+  except KeyboardInterrupt:
+    # `state` is a scan boundary that an uninterrupted run passes through.
+    if save and int(state.step) > saved_step:
       if log:
-        # Reduced on the devices: the losses may live on other hosts.
-        loss_K = loss_sum_K / counted
-        mean, low, high = np.asarray(
-            jnp.stack([loss_K.mean(), loss_K.min(), loss_K.max()]))
-        log(f"epoch {step // per_epoch}/{epochs}  loss {mean:.4f}"
-            f" (min {low:.4f}, max {high:.4f})"
-            f"  {time.perf_counter() - start:.1f}s")
-      loss_sum_K, counted = 0.0, 0
+        log(f"interrupted: saving the state at step {int(state.step)}")
+      save(state)
+    raise
   return state

@@ -36,7 +36,7 @@ import pytest
 from scipy import special
 from scipy import stats
 
-from mico_jax import accounting
+from mico_jax import accounting, dp, tasks
 
 # MICO's Purchase-100 recipe.
 N = 150_000
@@ -59,8 +59,24 @@ def _sigma(target_epsilon: float) -> float:
   return accounting.noise_multiplier(target_epsilon, DELTA, Q, STEPS)
 
 
-def test_mico_recipe_constants():
-  assert STEPS_PER_EPOCH == 293 and STEPS == 8790
+def test_mico_recipe_is_calibrated_with_mico_sampling(monkeypatch):
+  # What the engine derives from the Purchase-100 task's own recipe must be
+  # MICO's sampling: q = 1 / len(DataLoader) = 1/293 and 293 * 30 = 8,790
+  # steps, the numbers MICO passes to its accountant (σ is checked below).
+  seen = []
+  monkeypatch.setattr(accounting, "noise_multiplier",
+                      lambda eps, delta, q, steps: seen.append((q, steps))
+                      or 1.0)
+  recipe = tasks.PURCHASE100.scenarios["hi"]
+  # Unwrapped: the cached function may already hold the real σ.
+  mechanism = dp.calibrate.__wrapped__(
+      recipe.dp, tasks.PURCHASE100.len_training, recipe.batch_size,
+      recipe.epochs)
+  assert (mechanism.sample_rate, mechanism.steps) == (1 / 293, 8790)
+  assert seen == [(1 / 293, 8790)]
+  assert mechanism.expected_batch_size == pytest.approx(150_000 / 293)
+  assert (recipe.dp.epsilon, recipe.dp.delta, recipe.dp.clip_norm) == (
+      10.0, 1e-5, 2.6)
 
 
 @pytest.mark.parametrize("target_epsilon", [10.0, 4.0])

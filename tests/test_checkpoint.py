@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mico_jax import checkpoint, stats
+from mico_jax import challenge, checkpoint, models, pipeline, stats, train
 
 DESCRIPTION = {"model": "MLP(16)", "seeds": "abc", "num_models": 3}
 
@@ -161,3 +161,77 @@ def test_damaged_results_are_refused(tmp_path):
     f.truncate(os.path.getsize(path) - 100)
   with pytest.raises(checkpoint.CheckpointError, match="damaged"):
     checkpoint.load_results(path, DESCRIPTION, params)
+
+
+def test_saved_state_of_another_code_version_is_refused(saved, tmp_path,
+                                                        monkeypatch):
+  path = str(tmp_path / "models_0-2.npz")
+  params, observed = _results()
+  checkpoint.save_results(path, DESCRIPTION, params, observed)
+  monkeypatch.setattr(checkpoint, "code_version", lambda: "0.0.1 sources new")
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"differs in: code_version \(.* there, 0.0.1"
+                     r" sources new here\)"):
+    checkpoint.load_results(path, DESCRIPTION, params)
+  with pytest.raises(checkpoint.CheckpointError, match="code_version"):
+    _restore(saved)
+
+
+def test_code_version_hashes_the_sources(tmp_path, monkeypatch):
+  version = checkpoint.code_version()
+  assert version.split(" sources ")[1].isalnum()
+  # Another copy of the package with one source changed has another hash.
+  package = os.path.dirname(checkpoint.__file__)
+  copy = tmp_path / "mico_jax"
+  shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+  with open(copy / "report.py", "a") as f:
+    f.write("# changed\n")
+  monkeypatch.setattr(checkpoint, "__file__", str(copy / "checkpoint.py"))
+  checkpoint.code_version.cache_clear()
+  try:
+    assert checkpoint.code_version() != version
+  finally:
+    monkeypatch.undo()
+    checkpoint.code_version.cache_clear()
+  assert checkpoint.code_version() == version
+
+
+def _toy_training(epochs):
+  """A small trainer and state (3 models, 8 steps an epoch) and its data."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(120, 6)).astype(np.float32)
+  y = x[:, :3].argmax(1).astype(np.int32)
+  chal = challenge.make_challenge(120, 64, 8, challenge.make_seeds(0, 3))
+  trainer = pipeline.make_trainer(models.MLP(3, (8,)),
+                                  train.TrainConfig(batch_size=8,
+                                                    epochs=epochs), 64)
+  state = trainer.init(train.model_keys(chal.seeds_Kx3), jnp.asarray(x[0]))
+  return trainer, state, (chal.train_KxT, x, y)
+
+
+def test_saves_by_time_at_epoch_ends_and_resumes_bit_exactly():
+  trainer, state, data_ = _toy_training(3)
+  saved = []
+  final = train.train(trainer, state, *data_, 3, log=None, save=saved.append,
+                      save_seconds=1e-9)
+  # Every scan boundary is past the interval: each epoch's end, once.
+  assert [int(s.step) for s in saved] == [8, 16, 24]
+  resumed = train.train(trainer, saved[0], *data_, 3, log=None)
+  jax.tree.map(np.testing.assert_array_equal, resumed, final)
+
+
+def test_interrupted_training_saves_its_last_epoch_end():
+  trainer, state, data_ = _toy_training(3)
+  saved = []
+
+  def interrupt_in_epoch_two(message):
+    if message.startswith("epoch 2/"):
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train.train(trainer, state, *data_, 3, log=interrupt_in_epoch_two,
+                save=saved.append)
+  assert [int(s.step) for s in saved] == [16]
+  final = train.train(trainer, state, *data_, 3, log=None)
+  resumed = train.train(trainer, saved[0], *data_, 3, log=None)
+  jax.tree.map(np.testing.assert_array_equal, resumed, final)

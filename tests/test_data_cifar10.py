@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mico_jax import data
+from mico_jax import data, tasks
 from mico_jax.data import DataError
 from mico_jax.data import cifar10
 import tfds_prepared
@@ -75,6 +75,19 @@ def test_npz_not_an_archive(tmp_path):
   path = tmp_path / "junk.npz"
   path.write_bytes(b"not a zip file")
   with pytest.raises(DataError, match="not a readable .npz archive"):
+    cifar10.load_cifar10_npz(path)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.99])
+def test_npz_truncated(tmp_path, keep):
+  # A copy cut short (an interrupted download or copy), at several points.
+  blobs = [_jpeg((i * 20, 0, 0)) for i in range(12)]
+  whole = _write_npz(tmp_path / "whole.npz", blobs, list(range(10)) + [0, 1],
+                     [0] * 10 + [1, 1]).read_bytes()
+  path = tmp_path / "cut.npz"
+  path.write_bytes(whole[:int(len(whole) * keep)])
+  with pytest.raises(DataError, match="not a readable .npz archive, damaged"
+                     " or truncated"):
     cifar10.load_cifar10_npz(path)
 
 
@@ -193,6 +206,22 @@ def test_tfds_duplicate_ids_are_rejected():
 def test_tfds_unprepared_data_dir(tmp_path):
   with pytest.raises(DataError, match="cifar10/train is not readable"):
     cifar10.load_cifar10_tfds(data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("default_folder", ["absent", "empty"])
+def test_tfds_default_folder_unprepared(tmp_path, monkeypatch,
+                                        default_folder):
+  # The main job's source without --data_dir: TFDS's default folder.
+  folder = tmp_path / "tfds"
+  if default_folder == "empty":
+    folder.mkdir()
+  monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(folder))
+  with pytest.raises(DataError, match="cifar10/train is not readable from"
+                     f" TFDS's default folder {folder}"):
+    cifar10.load_cifar10_tfds()
+  with pytest.raises(DataError, match="or pass --data_dir, a folder holding"
+                     " cifar10/cifar10_jpeg.npz"):
+    tasks.CIFAR10_CPU.load(None)
 
 
 def test_real_npz():

@@ -121,9 +121,14 @@ def read_tfds_split(name: str, split: str,
     source = tfds.data_source(
         name, split=split, data_dir=data_dir, download=download,
         builder_kwargs={"file_format": "array_record"} if download else None)
-  except (RuntimeError, OSError, ValueError, AssertionError) as e:
+  # TFDS reports missing data in many ways (KeyError for a folder without
+  # splits, DatasetNotFoundError, OSError, ...): all mean "not prepared".
+  except Exception as e:  # pylint: disable=broad-except
+    where = data_dir or f"TFDS's default folder {tfds.core.constants.DATA_DIR}"
+    detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     raise DataError(
-        f"TFDS {name}/{split} is not readable from data_dir={data_dir!r} as"
-        f" array_record: {e}") from e
+        f"TFDS {name}/{split} is not readable from {where} as array_record"
+        f" (not prepared? {type(e).__name__}: {detail}); prepare it with"
+        f" `tfds build {name} --file_format=array_record`") from e
   # Mocked sources reject batched reads (`__getitems__`); read one by one.
   return [source[i] for i in range(len(source))]

@@ -17,6 +17,7 @@ Images are normalized as MICO's `load_cifar10` does (`ToTensor` then
 
 import io
 import os
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,8 +82,10 @@ def load_cifar10_npz(path: str | os.PathLike[str]) -> Dataset:
   try:
     with np.load(path, allow_pickle=False) as archive:
       arrays = {k: archive[k] for k in _NPZ_KEYS if k in archive.files}
-  except (OSError, ValueError) as e:
-    raise DataError(f"{path}: not a readable .npz archive ({e})") from e
+  # A truncated archive fails as BadZipFile, or EOFError in a member.
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise DataError(f"{path}: not a readable .npz archive, damaged or"
+                    f" truncated? ({type(e).__name__}: {e})") from e
   missing = [k for k in _NPZ_KEYS if k not in arrays]
   if missing:
     raise DataError(f"{path}: missing arrays {missing}")
