@@ -34,7 +34,8 @@ that a covered layer's parameters are used only through its `__call__`.
 
 Truncation. Batches that would exceed `capacity` keep their first `capacity`
 points in list order. `calibrate` sizes the capacity so that an overflow
-anywhere in training has probability p with (1 + e^ε)·p <= 1e-3·δ, and
+anywhere in training has probability p with (1 + e^ε)·p <= 1e-3·δ on the
+larger neighbour (n + 1 points, which overflows more often than n), and
 accounts for it with the generic bound (`accounting.delta_with_overflow`):
 σ is calibrated to δ' = δ − (1 + e^ε)·p, so the truncated mechanism is
 (ε, δ)-DP. (dp-accounting's exact truncated event assumes a uniformly random
@@ -151,13 +152,15 @@ def calibrate(config: DPConfig, dataset_size: int, batch_size: int,
     # Overflow budget p with (1 + e^ε) p <= share·δ, in logs for large ε.
     log_budget = (math.log(OVERFLOW_DELTA_SHARE * delta) - eps -
                   math.log1p(math.exp(-eps)))
+    # The add-one neighbour has n + 1 points, and overflows more often.
     capacity = accounting.batch_capacity(
-        dataset_size, sample_rate, steps, max(math.exp(log_budget), 1e-300))
-    overflow = accounting.overflow_probability(dataset_size, sample_rate,
+        dataset_size + 1, sample_rate, steps,
+        max(math.exp(log_budget), 1e-300))
+    overflow = accounting.overflow_probability(dataset_size + 1, sample_rate,
                                                steps, capacity)
     extra = accounting.delta_with_overflow(eps, delta / 2, overflow) - delta / 2
     if extra > OVERFLOW_DELTA_SHARE * delta:  # float limits at a huge ε
-      capacity, extra = dataset_size, 0.0
+      capacity, extra = dataset_size + 1, 0.0
     poisson_delta = delta - extra
     sigma = accounting.noise_multiplier(eps, poisson_delta, sample_rate, steps)
   except ValueError as e:

@@ -58,3 +58,18 @@ def test_poisson_gaps_drawn_have_the_thresholds_law():
     expected = (1 - q) ** t
     sd = np.sqrt(expected * (1 - expected) / len(x))
     assert abs(np.mean(x >= t) - expected) < 5 * sd
+
+
+@pytest.mark.parametrize("epsilon,n,batch,epochs", [
+    (4.0, 900, 225, 40), (10.0, 2000, 100, 20)])
+def test_overflow_is_charged_for_the_add_one_neighbour(epsilon, n, batch,
+                                                       epochs):
+  # Under add-or-remove-one, the neighbour with n + 1 points overflows the
+  # capacity more often than the dataset itself: δ must cover its overflow.
+  mech = dp.calibrate(dp.DPConfig(epsilon, 1e-5, 1.0), n, batch, epochs)
+  overflow = accounting.overflow_probability(n + 1, mech.sample_rate,
+                                             mech.steps, mech.capacity)
+  assert overflow > accounting.overflow_probability(
+      n, mech.sample_rate, mech.steps, mech.capacity) > 0
+  assert accounting.delta_with_overflow(
+      epsilon, mech.poisson_delta, overflow) <= mech.delta
