@@ -62,6 +62,11 @@ PyTree = Any
 
 # Share of δ spent on the (generic-bound) chance that a batch overflows.
 OVERFLOW_DELTA_SHARE = 1e-3
+# What the clipping bound depends on (ghost norms, the reweighted VJPs, the
+# weighted sums) runs at full float32 precision: at default precision GPUs
+# use TF32 and TPUs bfloat16 passes, and an example's contribution could
+# exceed C by ~1e-3 to ~1e-2 relative.
+_FULL = jax.lax.Precision.HIGHEST
 
 
 class DPError(ValueError):
@@ -341,7 +346,8 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
     if perturbs is not None:
       out = out + perturbs[len(outputs)]
     layer_input = args[0] if args else kwargs["inputs"]
-    calls.append(_Call(module.path, module.clone(parent=None),
+    # The copy re-applies the layer for the clipped VJP: at full precision.
+    calls.append(_Call(module.path, module.clone(parent=None, precision=_FULL),
                        _supported(module, layer_input, x.shape[0])))
     inputs.append(layer_input)
     outputs.append(out)
@@ -365,7 +371,8 @@ def _unfold(module: nn.Module, inputs: jax.Array) -> jax.Array:
       _conv_padding(module, rank),
       lhs_dilation=_as_tuple(module.input_dilation, rank),
       rhs_dilation=_as_tuple(module.kernel_dilation, rank),
-      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+      precision=_FULL)
   return patches.reshape(batch, -1, patches.shape[-1])
 
 
@@ -376,10 +383,11 @@ def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
   if p == 1:
     return (jnp.sum(a_BxPxD ** 2, (1, 2)) * jnp.sum(g_BxPxO ** 2, (1, 2)))
   if p * (d + o) <= d * o:
-    gram_a = jnp.einsum("bpd,bqd->bpq", a_BxPxD, a_BxPxD)
-    gram_g = jnp.einsum("bpo,bqo->bpq", g_BxPxO, g_BxPxO)
+    gram_a = jnp.einsum("bpd,bqd->bpq", a_BxPxD, a_BxPxD, precision=_FULL)
+    gram_g = jnp.einsum("bpo,bqo->bpq", g_BxPxO, g_BxPxO, precision=_FULL)
     return jnp.sum(gram_a * gram_g, (1, 2))
-  return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO) ** 2, (1, 2))
+  return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO,
+                            precision=_FULL) ** 2, (1, 2))
 
 
 def _output_gradients(apply_fn, params, x, y):
@@ -467,7 +475,8 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   weight_B = jnp.where(mask, jnp.minimum(
       1.0, clip_norm / jnp.maximum(norm_B, 1e-30)), 0.0)
 
-  grads = {k: jnp.tensordot(weight_B, g, 1) for k, g in rest_grads_B.items()}
+  grads = {k: jnp.tensordot(weight_B, g, 1, precision=_FULL)
+           for k, g in rest_grads_B.items()}
   for path, idx in by_path.items():
     layer_params = params["params"]
     for name in path:

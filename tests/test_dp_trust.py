@@ -2,6 +2,7 @@
 charged for the neighbour's size, clipping at any matmul precision, training
 randomness the bundle does not reveal, steps run = steps accounted."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,3 +74,42 @@ def test_overflow_is_charged_for_the_add_one_neighbour(epsilon, n, batch,
       n, mech.sample_rate, mech.steps, mech.capacity) > 0
   assert accounting.delta_with_overflow(
       epsilon, mech.poisson_delta, overflow) <= mech.delta
+
+
+def _tpu_like_dot(lhs, rhs, dimension_numbers, precision=None,
+                  preferred_element_type=None):
+  """`lax.dot_general` as a TPU runs it at default precision: the operands
+  rounded to bfloat16 unless the call or the context asks for more. XLA's
+  CPU backend ignores precision, so the test emulates it in the model."""
+  default = jax.config.jax_default_matmul_precision
+  if precision in (None, jax.lax.Precision.DEFAULT) and default in (
+      None, "default", "bfloat16"):
+    lhs, rhs = (a.astype(jnp.bfloat16).astype(a.dtype) for a in (lhs, rhs))
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                             preferred_element_type)
+
+
+class _TpuMLP(nn.Module):
+  """An MLP whose matmuls round like a TPU's at default precision."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(32, dot_general=_tpu_like_dot)(x))
+    return nn.Dense(5, dot_general=_tpu_like_dot)(h)
+
+
+def test_each_contribution_is_within_c_at_reduced_matmul_precision():
+  model = _TpuMLP()
+  x = jax.random.normal(jax.random.PRNGKey(0), (24, 40)) * 30  # norms >> C
+  y = jnp.arange(24) % 5
+  params = model.init(jax.random.PRNGKey(1), x)
+  clip_norm = 0.5
+  one_each_BxB = jnp.eye(24, dtype=bool)  # each example alone in a batch
+  with jax.default_matmul_precision("bfloat16"):
+    _, sums, norms_BxB = jax.jit(jax.vmap(lambda m: dp.clipped_grad_sum(
+        model.apply, params, x, y, m, clip_norm)))(one_each_BxB)
+  assert (np.diag(np.asarray(norms_BxB)) > 2 * clip_norm).all()
+  contribution_B = np.sqrt(sum(
+      np.sum(np.asarray(s, np.float64).reshape(24, -1) ** 2, 1)
+      for s in jax.tree.leaves(sums)))
+  assert contribution_B.max() <= clip_norm * (1 + 1e-6)
