@@ -12,6 +12,9 @@ writes, under --workdir:
                               steps and at the end); a rerun resumes from them
   <scenario>/trained/         final params and statistics (npz); a rerun
                               with the same configuration reuses them
+  <scenario>/training_seed    the secret seed of the training randomness
+                              (init, data order, DP noise and sampling):
+                              private, never in bundle/; a rerun reuses it
   bundle/<scenario>/<phase>/model_<i>/  MICO's layout: seeds, solution.csv,
                               prediction.csv (scores of --submit_attack in
                               [0, 1]), epsilon (ε spent, DP scenarios only)
@@ -25,6 +28,7 @@ jax.distributed run, and only process 0 writes outputs and logs.
 import dataclasses
 import json
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -32,6 +36,9 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from mico_jax import attacks, challenge, checkpoint, data, dp, parallel
 from mico_jax import report, scoring, stats
@@ -57,6 +64,12 @@ _DATA_DIR = flags.DEFINE_string(
     " purchase100/dataset_purchase). Unset: CIFAR-10 and SST-2 come from"
     " TFDS's prepared data; the tabular tasks need it.")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of every challenge seed.")
+_TRAINING_SEED = flags.DEFINE_integer(
+    "training_seed", None, "Seed of the training randomness (init, data order,"
+    " DP noise and sampling), for reproducible research. Default: a fresh"
+    " secret from OS entropy per scenario, kept in <workdir>/<scenario>/"
+    "training_seed (never in the bundle, which publishes the challenge"
+    " seeds) and reused by a rerun.", lower_bound=0)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Output folder.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the recipe's epochs.",
                                lower_bound=1)
@@ -142,6 +155,31 @@ def _write_json_atomically(obj, path: str) -> None:
   os.replace(tmp, path)
 
 
+def _training_seed(directory: str) -> int:
+  """--training_seed, or the scenario's secret: reused, else fresh entropy.
+
+  Every process of a multi-process run gets process 0's.
+  """
+  path = os.path.join(directory, "training_seed")
+  if _TRAINING_SEED.value is not None:
+    return _TRAINING_SEED.value
+  if os.path.exists(path):
+    with open(path) as f:
+      return int(f.read())
+  words = np.frombuffer(secrets.token_bytes(16), np.uint32)
+  if jax.process_count() > 1:
+    words = multihost_utils.broadcast_one_to_all(words)
+  seed = int.from_bytes(np.asarray(words, np.uint32).tobytes(), "little")
+  if parallel.is_main_process():
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+              "w") as f:
+      f.write(f"{seed}\n")
+    os.replace(tmp, path)
+  return seed
+
+
 def _write_models_csv(path, result):
   train_acc, eval_acc = result.accuracy()
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -199,7 +237,8 @@ def run(log=print) -> dict:
                           reuse_only=_ATTACKS_ONLY.value)
     result = run_scenario(task, config, dataset, num_models, _SEED.value,
                           _ATTACKS.value, queries, _SHADOWS.value, log,
-                          execution)
+                          execution,
+                          _training_seed(os.path.join(workdir, scenario)))
     all_scores[scenario] = result.metrics
     if not main:
       continue

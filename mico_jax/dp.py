@@ -128,7 +128,15 @@ class Mechanism:
   def epsilon(self, steps: int | None = None) -> float:
     """ε spent after `steps` steps (default: all), at `delta`."""
     return accounting.epsilon(self.noise_multiplier, self.poisson_delta,
-                              self.sample_rate, steps or self.steps)
+                              self.sample_rate,
+                              self.steps if steps is None else steps)
+
+  def check_steps(self, steps_run: int) -> None:
+    """Raises unless training ran exactly the steps accounted for."""
+    if steps_run != self.steps:
+      raise RuntimeError(
+          f"DP-SGD ran {steps_run} steps, but its privacy was accounted for"
+          f" {self.steps}: the epsilon reported would be wrong")
 
 
 @functools.lru_cache(maxsize=64)

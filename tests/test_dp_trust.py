@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mico_jax import accounting, dp
+from mico_jax import accounting, challenge, data, dp, models, pipeline, train
 
 
 @pytest.mark.parametrize("num_points,q", [(10**9, 1 / 293), (1000, 0.05),
@@ -113,3 +113,63 @@ def test_each_contribution_is_within_c_at_reduced_matmul_precision():
       np.sum(np.asarray(s, np.float64).reshape(24, -1) ** 2, 1)
       for s in jax.tree.leaves(sums)))
   assert contribution_B.max() <= clip_norm * (1 + 1e-6)
+
+
+def _tiny_dp_setup(epochs=2):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(300, 12)).astype(np.float32)
+  y = x[:, :3].argmax(1).astype(np.int32)
+  dataset = data.Dataset("toy", x, y, 3, "tabular")
+  chal = challenge.make_challenge(300, 120, 20, challenge.make_seeds(2, 2))
+  config = train.TrainConfig("sgd", 0.5, batch_size=30, epochs=epochs,
+                             dp=dp.DPConfig(4.0, 1e-5, 1.0))
+  return models.MLP(3, (8,)), config, dataset, chal
+
+
+def test_training_randomness_is_not_derived_from_the_published_seeds():
+  model, config, dataset, chal = _tiny_dp_setup()
+  train_ = lambda **kw: pipeline.train_models(model, config, dataset, chal,
+                                              log=None, **kw)
+  public, secret = train_(), train_(training_seed=2**100 + 7)
+  leaf = lambda p: np.asarray(jax.tree.leaves(p)[0])
+  # The bundle's seeds alone no longer give the noise; the secret does.
+  assert not np.allclose(leaf(public), leaf(secret))
+  keys = lambda seeds, s: np.asarray(train.model_keys(seeds, s))
+  np.testing.assert_array_equal(keys(chal.seeds_Kx3, 2**100 + 7),
+                                keys(chal.seeds_Kx3, 2**100 + 7))
+  assert (keys(chal.seeds_Kx3, 2**100 + 7) != keys(chal.seeds_Kx3, 8)).all()
+  # Each model still has its own key: the secret is mixed with its seeds.
+  assert (keys(chal.seeds_Kx3, 5)[0] != keys(chal.seeds_Kx3, 5)[1]).any()
+  np.testing.assert_array_equal(keys(chal.seeds_Kx3, 5)[1],
+                                keys(chal.seeds_Kx3[1:], 5)[0])
+
+
+def test_the_main_job_keeps_a_secret_per_scenario_and_reuses_it(tmp_path):
+  from absl import flags
+  from absl.testing import flagsaver
+  from experiments import run as run_lib
+  seed_of = run_lib._training_seed  # pylint: disable=protected-access
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  scenario = tmp_path / "lo"
+  secret = seed_of(str(scenario))
+  assert secret >= 2**64  # 128 bits of OS entropy (fails 1 in 2^64)
+  path = scenario / "training_seed"  # beside checkpoints, not in bundle/
+  assert int(path.read_text()) == secret
+  assert (path.stat().st_mode & 0o077) == 0  # private
+  # A rerun (resume) reuses it; another scenario or workdir gets its own.
+  assert seed_of(str(scenario)) == secret
+  assert seed_of(str(tmp_path / "hi")) != secret
+  # --training_seed, for reproducible research, is used as given.
+  with flagsaver.flagsaver(training_seed=3):
+    assert seed_of(str(tmp_path / "inf")) == 3
+  assert not (tmp_path / "inf" / "training_seed").exists()
+
+
+def test_training_runs_exactly_the_steps_accounted(monkeypatch):
+  model, config, dataset, chal = _tiny_dp_setup(epochs=1)
+  # A sampler that runs one step more per epoch than the accountant counts.
+  monkeypatch.setattr(dp.PoissonSampler, "steps_per_epoch", property(
+      lambda self: max(1, round(1 / self.sample_rate)) + 1))
+  with pytest.raises(RuntimeError, match="accounted"):
+    pipeline.train_models(model, config, dataset, chal, log=None)
