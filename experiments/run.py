@@ -40,7 +40,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from mico_jax import attacks, challenge, checkpoint, data, dp, parallel
+from mico_jax import attacks, audit, challenge, checkpoint, data, dp, parallel
 from mico_jax import report, scoring, stats
 from mico_jax.pipeline import Execution, run_scenario
 from mico_jax.tasks import TASKS
@@ -88,6 +88,10 @@ _DELTA = flags.DEFINE_float(
 _CLIP_NORM = flags.DEFINE_float(
     "clip_norm", None, "Override the DP scenarios' per-example clipping norm"
     " C (MICO: 2.6).")
+_CANARIES = flags.DEFINE_integer(
+    "canaries", 0, "Relabel this many pool points (chosen by --seed) with a"
+    " wrong label: canaries, worst-case trials for the DP audit, which reports"
+    " them apart from the natural challenge points.", lower_bound=0)
 _QUERY_SHIFT = flags.DEFINE_integer(
     "query_shift", 1, "Pixels of the shifted image queries (0: none).",
     lower_bound=0)
@@ -180,6 +184,25 @@ def _training_seed(directory: str) -> int:
   return seed
 
 
+def _audit(result, canary_N, log) -> dict:
+  """Empirical ε lower bounds beside the accountant's, on natural challenge
+  points and on canaries (see `mico_jax.audit`)."""
+  chal, delta = result.challenge, result.mechanism.delta
+  canary_KxC = (np.zeros(chal.challenge_KxC.shape, bool) if canary_N is None
+                else canary_N[chal.challenge_KxC])
+  report = {"epsilon": float(result.epsilon_K.max()), "delta": delta}
+  for name, include in (("natural", ~canary_KxC), ("canaries", canary_KxC)):
+    if include.any():
+      report[name] = audit.audit_attacks(result.scores_KxC, chal.member_KxC,
+                                         delta, include_KxC=include)
+      log(f"audit on {name} ({int(include.sum())} trials): epsilon >="
+          f" {report[name]['epsilon_lower_bound']:.3f} at delta {delta:g}"
+          " with 95% confidence (GDP estimate"
+          f" {report[name]['epsilon_gdp']:.3f}); accountant's epsilon"
+          f" {report['epsilon']:.3f}")
+  return report
+
+
 def _write_models_csv(path, result):
   train_acc, eval_acc = result.accuracy()
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -208,6 +231,12 @@ def run(log=print) -> dict:
   num_models = _NUM_MODELS.value or task.default_models
   log(f"loading {task.name}")
   dataset = task.load(_DATA_DIR.value)
+  canary_N = None
+  if _CANARIES.value:
+    if _CANARIES.value > len(dataset):
+      raise UserError(f"--canaries={_CANARIES.value} exceeds the pool's"
+                      f" {len(dataset)} points")
+    dataset, canary_N = audit.mislabel(dataset, _CANARIES.value, _SEED.value)
   challenge.check_sizes(len(dataset), task.len_training, task.len_challenge)
   queries = stats.default_queries(dataset, _QUERY_SHIFT.value)
   all_scores, panels = {}, {}
@@ -239,7 +268,9 @@ def run(log=print) -> dict:
                           _ATTACKS.value, queries, _SHADOWS.value, log,
                           execution,
                           _training_seed(os.path.join(workdir, scenario)))
-    all_scores[scenario] = result.metrics
+    all_scores[scenario] = dict(result.metrics)
+    if result.mechanism is not None:
+      all_scores[scenario]["audit"] = _audit(result, canary_N, log)
     if not main:
       continue
     train_acc, eval_acc = _write_models_csv(
@@ -257,6 +288,7 @@ def run(log=print) -> dict:
         "eval_accuracy": float(eval_acc.mean()),
         "epsilon": (None if result.epsilon_K is None else
                     float(result.epsilon_K.max())),
+        "audit": all_scores[scenario].get("audit"),
         "seconds": round(time.perf_counter() - start, 1),
     }, os.path.join(workdir, scenario, "run.json"))
     predictions = scoring.to_unit_interval(result.scores_KxC[_SUBMIT.value])

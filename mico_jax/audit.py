@@ -149,6 +149,23 @@ def audit(scores_KxC: np.ndarray, member_KxC: np.ndarray, delta: float,
   return {"confidence": confidence, "delta": delta, **result}
 
 
+def audit_attacks(scores_KxC: dict[str, np.ndarray], member_KxC: np.ndarray,
+                  delta: float, confidence: float = 0.95,
+                  include_KxC: np.ndarray | None = None) -> dict[str, object]:
+  """`audit` for each attack, Bonferroni-corrected so that the largest bound
+  over the attacks holds with `confidence`.
+
+  Returns:
+    `{attack: audit(...), "epsilon_lower_bound": the largest bound,
+    "epsilon_gdp": the largest estimate}`.
+  """
+  each = 1 - (1 - confidence) / len(scores_KxC)
+  result = {name: audit(s, member_KxC, delta, each, include_KxC)
+            for name, s in scores_KxC.items()}
+  return {**result, **{key: max(r[key] for r in result.values())
+                       for key in ("epsilon_lower_bound", "epsilon_gdp")}}
+
+
 def mislabel(dataset: Dataset, count: int, seed: int = 0
              ) -> tuple[Dataset, np.ndarray]:
   """The pool with `count` seeded random points relabeled: canaries.
