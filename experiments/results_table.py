@@ -67,10 +67,24 @@ def markdown(runs: list[dict]) -> str:
               "|---|---|---|" + "---|" * len(METRICS)]
     for r in task_runs:
       for phase, by_attack in r["scores"].items():
+        if phase == "audit":
+          continue
         for attack, metrics in by_attack.items():
           lines.append(f"| {r['scenario']} | {phase} | {attack} | " +
                        " | ".join(f"{metrics[key]:.3f}" for key, _ in METRICS)
                        + " |")
+    audited = [r for r in task_runs if "audit" in r["scores"]]
+    if audited:
+      lines += ["", "| scenario | accountant's ε | audited ε >= (natural) |"
+                " GDP estimate (natural) | audited ε >= (canaries) |"
+                " GDP estimate (canaries) |", "|---|---|---|---|---|---|"]
+      for r in audited:
+        a = r["scores"]["audit"]
+        cells = [f"{a[kind][key]:.2f}" if kind in a else "–"
+                 for kind in ("natural", "canaries")
+                 for key in ("epsilon_lower_bound", "epsilon_gdp")]
+        lines.append(f"| {r['scenario']} | {a['epsilon']:.2f} | " +
+                     " | ".join(cells) + " |")
     lines += ["", "Commands:", ""]
     commands: dict[tuple[str, str], list[str]] = {}
     for r in task_runs:

@@ -15,6 +15,9 @@ writes, under --workdir:
                               at the end and on Ctrl-C); a rerun resumes
   <scenario>/trained/         final params and statistics (npz); a rerun
                               with the same configuration reuses them
+  <scenario>/training_seed    the secret seed of the training randomness
+                              (init, data order, DP noise and sampling):
+                              private, never in bundle/; a rerun reuses it
   bundle/<scenario>/<phase>/model_<i>/  MICO's layout: seeds, solution.csv,
                               prediction.csv (scores of --submit_attack in
                               [0, 1]), epsilon (ε spent, DP scenarios only)
@@ -39,6 +42,7 @@ jax.distributed run, and only process 0 writes outputs and logs.
 import dataclasses
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -48,9 +52,12 @@ from typing import Callable, TextIO
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
-from mico_jax import attacks, challenge, checkpoint, data, dp, parallel
-from mico_jax import report, scoring, stats, workdir
+from mico_jax import attacks, audit, challenge, checkpoint, data, dp
+from mico_jax import parallel, report, scoring, stats, workdir
 from mico_jax.attacks.lira import MIN_SHADOWS_FOR_VARIANCE
 from mico_jax.pipeline import Execution, run_scenario
 from mico_jax.tasks import TASKS, Task
@@ -75,6 +82,12 @@ _DATA_DIR = flags.DEFINE_string(
     " purchase100/dataset_purchase). Unset: CIFAR-10 and SST-2 come from"
     " TFDS's prepared data; the tabular tasks need it.")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of every challenge seed.")
+_TRAINING_SEED = flags.DEFINE_integer(
+    "training_seed", None, "Seed of the training randomness (init, data order,"
+    " DP noise and sampling), for reproducible research. Default: a fresh"
+    " secret from OS entropy per scenario, kept in <workdir>/<scenario>/"
+    "training_seed (never in the bundle, which publishes the challenge"
+    " seeds) and reused by a rerun.", lower_bound=0)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Output folder.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the recipe's epochs.",
                                lower_bound=1)
@@ -93,6 +106,10 @@ _DELTA = flags.DEFINE_float(
 _CLIP_NORM = flags.DEFINE_float(
     "clip_norm", None, "Override the DP scenarios' per-example clipping norm"
     " C (MICO: 2.6).")
+_CANARIES = flags.DEFINE_integer(
+    "canaries", 0, "Relabel this many pool points (chosen by --seed) with a"
+    " wrong label: canaries, worst-case trials for the DP audit, which reports"
+    " them apart from the natural challenge points.", lower_bound=0)
 _QUERY_SHIFT = flags.DEFINE_integer(
     "query_shift", 1, "Pixels of the shifted image queries (0: none).",
     lower_bound=0)
@@ -268,6 +285,9 @@ def _check_dataset(dataset: data.Dataset, plan: Plan) -> None:
   """The checks that need the loaded data (before any training)."""
   challenge.check_sizes(len(dataset), plan.task.len_training,
                         plan.task.len_challenge)
+  if _CANARIES.value > len(dataset):
+    raise UserError(f"--canaries={_CANARIES.value} exceeds the pool's"
+                    f" {len(dataset)} points")
   if dataset.kind != "image":
     if _present("query_shift"):
       raise UserError(f"--query_shift: task {plan.task.name} has"
@@ -286,6 +306,7 @@ def _identity(plan: Plan) -> dict[str, object]:
       "seed": _SEED.value, "len_training": plan.task.len_training,
       "len_challenge": plan.task.len_challenge,
       "query_shift": _QUERY_SHIFT.value, "scenarios": list(plan.configs),
+      "canaries": _CANARIES.value, "training_seed": _TRAINING_SEED.value,
       "data_dir": _DATA_DIR.value and os.path.abspath(_DATA_DIR.value)}
   for scenario, config in plan.configs.items():
     identity.update(_flatten(scenario, dataclasses.asdict(config)))
@@ -300,6 +321,50 @@ def _flatten(prefix: str, tree: dict) -> dict[str, object]:
     else:
       flat[f"{prefix}.{key}"] = value
   return flat
+
+
+def _training_seed(directory: str) -> int:
+  """--training_seed, or the scenario's secret: reused, else fresh entropy.
+
+  Every process of a multi-process run gets process 0's.
+  """
+  path = os.path.join(directory, "training_seed")
+  if _TRAINING_SEED.value is not None:
+    return _TRAINING_SEED.value
+  if os.path.exists(path):
+    with open(path) as f:
+      return int(f.read())
+  words = np.frombuffer(secrets.token_bytes(16), np.uint32)
+  if jax.process_count() > 1:
+    words = multihost_utils.broadcast_one_to_all(words)
+  seed = int.from_bytes(np.asarray(words, np.uint32).tobytes(), "little")
+  if parallel.is_main_process():
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+              "w") as f:
+      f.write(f"{seed}\n")
+    os.replace(tmp, path)
+  return seed
+
+
+def _audit(result, canary_N, log) -> dict:
+  """Empirical ε lower bounds beside the accountant's, on natural challenge
+  points and on canaries (see `mico_jax.audit`)."""
+  chal, delta = result.challenge, result.mechanism.delta
+  canary_KxC = (np.zeros(chal.challenge_KxC.shape, bool) if canary_N is None
+                else canary_N[chal.challenge_KxC])
+  report = {"epsilon": float(result.epsilon_K.max()), "delta": delta}
+  for name, include in (("natural", ~canary_KxC), ("canaries", canary_KxC)):
+    if include.any():
+      report[name] = audit.audit_attacks(result.scores_KxC, chal.member_KxC,
+                                         delta, include_KxC=include)
+      log(f"audit on {name} ({int(include.sum())} trials): epsilon >="
+          f" {report[name]['epsilon_lower_bound']:.3f} at delta {delta:g}"
+          " with 95% confidence (GDP estimate"
+          f" {report[name]['epsilon_gdp']:.3f}); accountant's epsilon"
+          f" {report['epsilon']:.3f}")
+  return report
 
 
 def _write_models_csv(path, result):
@@ -328,6 +393,9 @@ def run(plan: Plan, folder: workdir.Workdir | None, log: Log = print) -> dict:
   dataset = task.load(_DATA_DIR.value)
   log(f"loaded {len(dataset)} points in {time.perf_counter() - start:.1f}s")
   _check_dataset(dataset, plan)
+  canary_N = None
+  if _CANARIES.value:
+    dataset, canary_N = audit.mislabel(dataset, _CANARIES.value, _SEED.value)
   queries = stats.default_queries(dataset, _QUERY_SHIFT.value)
   all_scores, panels = {}, {}
   for scenario, config in plan.configs.items():
@@ -350,8 +418,11 @@ def run(plan: Plan, folder: workdir.Workdir | None, log: Log = print) -> dict:
                           reuse_only=_ATTACKS_ONLY.value)
     result = run_scenario(task, config, dataset, num_models, _SEED.value,
                           _ATTACKS.value, queries, _SHADOWS.value, log,
-                          execution)
-    all_scores[scenario] = result.metrics
+                          execution,
+                          _training_seed(os.path.join(root, scenario)))
+    all_scores[scenario] = dict(result.metrics)
+    if result.mechanism is not None:
+      all_scores[scenario]["audit"] = _audit(result, canary_N, log)
     if folder is None:
       continue
     train_acc, eval_acc = _write_models_csv(
@@ -369,6 +440,7 @@ def run(plan: Plan, folder: workdir.Workdir | None, log: Log = print) -> dict:
         "eval_accuracy": float(eval_acc.mean()),
         "epsilon": (None if result.epsilon_K is None else
                     float(result.epsilon_K.max())),
+        "audit": all_scores[scenario].get("audit"),
         "seconds": round(time.perf_counter() - start, 1),
     }, folder.output(f"{scenario}/run.json"))
     predictions = scoring.to_unit_interval(result.scores_KxC[_SUBMIT.value])

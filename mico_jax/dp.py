@@ -34,7 +34,8 @@ that a covered layer's parameters are used only through its `__call__`.
 
 Truncation. Batches that would exceed `capacity` keep their first `capacity`
 points in list order. `calibrate` sizes the capacity so that an overflow
-anywhere in training has probability p with (1 + e^ε)·p <= 1e-3·δ, and
+anywhere in training has probability p with (1 + e^ε)·p <= 1e-3·δ on the
+larger neighbour (n + 1 points, which overflows more often than n), and
 accounts for it with the generic bound (`accounting.delta_with_overflow`):
 σ is calibrated to δ' = δ − (1 + e^ε)·p, so the truncated mechanism is
 (ε, δ)-DP. (dp-accounting's exact truncated event assumes a uniformly random
@@ -52,6 +53,7 @@ from flax import traverse_util
 from flax.linen import linear
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mico_jax import accounting
 from mico_jax.models import cross_entropy
@@ -60,6 +62,11 @@ PyTree = Any
 
 # Share of δ spent on the (generic-bound) chance that a batch overflows.
 OVERFLOW_DELTA_SHARE = 1e-3
+# What the clipping bound depends on (ghost norms, the reweighted VJPs, the
+# weighted sums) runs at full float32 precision: at default precision GPUs
+# use TF32 and TPUs bfloat16 passes, and an example's contribution could
+# exceed C by ~1e-3 to ~1e-2 relative.
+_FULL = jax.lax.Precision.HIGHEST
 
 
 class DPError(ValueError):
@@ -130,7 +137,15 @@ class Mechanism:
   def epsilon(self, steps: int | None = None) -> float:
     """ε spent after `steps` steps (default: all), at `delta`."""
     return accounting.epsilon(self.noise_multiplier, self.poisson_delta,
-                              self.sample_rate, steps or self.steps)
+                              self.sample_rate,
+                              self.steps if steps is None else steps)
+
+  def check_steps(self, steps_run: int) -> None:
+    """Raises unless training ran exactly the steps accounted for."""
+    if steps_run != self.steps:
+      raise RuntimeError(
+          f"DP-SGD ran {steps_run} steps, but its privacy was accounted for"
+          f" {self.steps}: the epsilon reported would be wrong")
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,13 +176,15 @@ def calibrate(config: DPConfig, dataset_size: int, batch_size: int,
     # Overflow budget p with (1 + e^ε) p <= share·δ, in logs for large ε.
     log_budget = (math.log(OVERFLOW_DELTA_SHARE * delta) - eps -
                   math.log1p(math.exp(-eps)))
+    # The add-one neighbour has n + 1 points, and overflows more often.
     capacity = accounting.batch_capacity(
-        dataset_size, sample_rate, steps, max(math.exp(log_budget), 1e-300))
-    overflow = accounting.overflow_probability(dataset_size, sample_rate,
+        dataset_size + 1, sample_rate, steps,
+        max(math.exp(log_budget), 1e-300))
+    overflow = accounting.overflow_probability(dataset_size + 1, sample_rate,
                                                steps, capacity)
     extra = accounting.delta_with_overflow(eps, delta / 2, overflow) - delta / 2
     if extra > OVERFLOW_DELTA_SHARE * delta:  # float limits at a huge ε
-      capacity, extra = dataset_size, 0.0
+      capacity, extra = dataset_size + 1, 0.0
     poisson_delta = delta - extra
     sigma = accounting.noise_multiplier(eps, poisson_delta, sample_rate, steps)
   except ValueError as e:
@@ -177,16 +194,41 @@ def calibrate(config: DPConfig, dataset_size: int, batch_size: int,
                    config.clip_norm, sigma, delta, poisson_delta)
 
 
+def _bernoulli_thresholds(probabilities: list[float]) -> np.ndarray:
+  """Each probability p as a 64-bit threshold round(p·2⁶⁴), in two uint32s.
+
+  A uniform 64-bit word w is below the threshold with probability p, up to
+  2⁻⁶⁴ and the float64 rounding of p. Returns `[2, len(probabilities)]`: high
+  words, then low words.
+  """
+  thresholds = [min(round(p * 2.0**64), 2**64 - 1) for p in probabilities]
+  return np.array([[t >> 32 for t in thresholds],
+                   [t & 0xFFFFFFFF for t in thresholds]], np.uint32)
+
+
 @dataclasses.dataclass(frozen=True)
 class PoissonSampler:
   """Poisson sampling of one model's training list, padded to `capacity`.
 
   Each step, every position of the list joins the batch independently with
-  probability `sample_rate`. The positions are drawn as running sums of
-  geometric gaps (a Bernoulli process sampled by its gaps): exactly Poisson
-  sampling, up to float32 resolution of the uniforms (as `rand(n) < q` in
-  Opacus), at O(capacity) cost per step instead of O(n) coin flips or an
-  O(n log n) shuffle. Stateless: each step uses the step's key.
+  probability `sample_rate` q. The positions are running sums of geometric
+  gaps (a Bernoulli process sampled by its gaps), at O(capacity) cost per
+  step instead of O(n) coin flips or an O(n log n) shuffle. Stateless: each
+  step uses the step's key.
+
+  Exactness. A gap is 1 + X with P(X >= t) = (1 - q)^t. X's binary digits
+  are independent: P(X = Σ_k b_k 2^k) ∝ Π_k r_k^{b_k} with r_k = (1 - q)^{2^k},
+  so digit k is 1 with probability r_k / (1 + r_k). Each digit is drawn by
+  comparing a uniform 64-bit word with a threshold computed on the host in
+  float64; no transcendental function runs on the device, so the draw is the
+  same on CPU, GPU and TPU, and needs no `jax_enable_x64`. Digits whose
+  probability is below 2⁻⁶⁴ are dropped, and the digits at or above the
+  first power of two past the list's end are one event, "X >= 2^k": the gap
+  is past the end. Each digit compares a 32-bit word of its own and, on a
+  tie (probability 2⁻³²), a low word shared by the gap's digits, so every
+  inclusion is an independent Bernoulli(q) up to ~2⁻⁶⁰ and float64 rounding.
+  (A float32 inverse CDF is not: its uniforms lie on a 2⁻²³ grid, so at
+  q = 1/293 no gap exceeds 4,664 and long gaps are off by up to 100%.)
 
   Attributes:
     num_points: n, the length of the training list.
@@ -210,17 +252,58 @@ class PoissonSampler:
     """Steps in which each point is sampled once on average (or as given)."""
     return self.epoch_steps or max(1, round(1 / self.sample_rate))
 
+  @functools.cached_property
+  def _digits(self) -> tuple[np.ndarray, np.ndarray]:
+    """Thresholds of X's binary digits and of the event "past the end".
+
+    Returns (digit thresholds `[2, D]`, past-the-end threshold `[2, 1]`), as
+    `_bernoulli_thresholds`; digit k of D is X's digit k.
+    """
+    log_rho = (math.log1p(-self.sample_rate) if self.sample_rate < 1 else
+               -math.inf)
+    # X >= 2^end_bit puts the gap past the end: 1 + X > n.
+    end_bit = self.num_points.bit_length()
+    probabilities = []
+    for k in range(end_bit):
+      r = math.exp(log_rho * 2.0**k)
+      if r / (1 + r) < 2.0**-64:
+        break  # so are the digits above
+      probabilities.append(r / (1 + r))
+    past_end = math.exp(log_rho * 2.0**end_bit)
+    return (_bernoulli_thresholds(probabilities),
+            _bernoulli_thresholds([past_end]))
+
+  def digit_probabilities(self) -> tuple[np.ndarray, float]:
+    """What `sample` draws: P(digit k of X is 1) for each digit drawn, and
+    P(gap past the end), from the 64-bit thresholds it compares with."""
+    digits, past_end = (t.astype(np.float64) for t in self._digits)
+    as_float = lambda t: t[0] * 2.0**-32 + t[1] * 2.0**-64
+    return as_float(digits), float(as_float(past_end)[0])
+
   def init(self, key: jax.Array) -> tuple[()]:
     del key
     return ()
 
   def sample(self, state, key, step):
-    u = jax.random.uniform(jax.random.fold_in(key, step), (self.capacity,))
-    # Inverse CDF of Geometric(q) on {1, 2, ...}; q = 1 gives gaps of 1.
-    gaps = jnp.floor(jnp.log1p(-u) / jnp.log1p(-self.sample_rate)) + 1
-    # Any gap past the end is as good as n + 1; clipping keeps int32 safe.
+    digits, past_end = self._digits
+    num_digits = digits.shape[1]
+    # One 32-bit word per digit and for "past the end", and a shared low word.
+    with jax.threefry_partitionable(False):
+      words = jax.random.bits(jax.random.fold_in(key, step),
+                              (self.capacity, num_digits + 2), jnp.uint32)
+    low = words[:, -1:]
+
+    def below(high, threshold):
+      high_t, low_t = threshold[0][None], threshold[1][None]
+      return (high < high_t) | ((high == high_t) & (low < low_t))
+
+    powers = jnp.left_shift(1, jnp.arange(num_digits, dtype=jnp.int32))
+    x = jnp.sum(jnp.where(below(words[:, :num_digits], digits),
+                          powers[None], 0), 1)
     end = self.num_points + 1
-    gaps = jnp.minimum(gaps, end).astype(jnp.int32)
+    # Past the end is as good as n + 1, which keeps the sums int32-safe.
+    gaps = jnp.where(below(words[:, num_digits:-1], past_end)[:, 0], end,
+                     jnp.minimum(x + 1, end))
     # Saturating running sum: past the end is past the end, with no overflow.
     ends = jax.lax.associative_scan(
         lambda a, b: jnp.minimum(a + b, end), gaps)
@@ -284,7 +367,8 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
     if perturbs is not None:
       out = out + perturbs[len(outputs)]
     layer_input = args[0] if args else kwargs["inputs"]
-    calls.append(_Call(module.path, module.clone(parent=None),
+    # The copy re-applies the layer for the clipped VJP: at full precision.
+    calls.append(_Call(module.path, module.clone(parent=None, precision=_FULL),
                        _supported(module, layer_input, x.shape[0])))
     inputs.append(layer_input)
     outputs.append(out)
@@ -308,7 +392,8 @@ def _unfold(module: nn.Module, inputs: jax.Array) -> jax.Array:
       _conv_padding(module, rank),
       lhs_dilation=_as_tuple(module.input_dilation, rank),
       rhs_dilation=_as_tuple(module.kernel_dilation, rank),
-      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+      precision=_FULL)
   return patches.reshape(batch, -1, patches.shape[-1])
 
 
@@ -319,10 +404,11 @@ def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
   if p == 1:
     return (jnp.sum(a_BxPxD ** 2, (1, 2)) * jnp.sum(g_BxPxO ** 2, (1, 2)))
   if p * (d + o) <= d * o:
-    gram_a = jnp.einsum("bpd,bqd->bpq", a_BxPxD, a_BxPxD)
-    gram_g = jnp.einsum("bpo,bqo->bpq", g_BxPxO, g_BxPxO)
+    gram_a = jnp.einsum("bpd,bqd->bpq", a_BxPxD, a_BxPxD, precision=_FULL)
+    gram_g = jnp.einsum("bpo,bqo->bpq", g_BxPxO, g_BxPxO, precision=_FULL)
     return jnp.sum(gram_a * gram_g, (1, 2))
-  return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO) ** 2, (1, 2))
+  return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO,
+                            precision=_FULL) ** 2, (1, 2))
 
 
 def _output_gradients(apply_fn, params, x, y):
@@ -410,7 +496,8 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   weight_B = jnp.where(mask, jnp.minimum(
       1.0, clip_norm / jnp.maximum(norm_B, 1e-30)), 0.0)
 
-  grads = {k: jnp.tensordot(weight_B, g, 1) for k, g in rest_grads_B.items()}
+  grads = {k: jnp.tensordot(weight_B, g, 1, precision=_FULL)
+           for k, g in rest_grads_B.items()}
   for path, idx in by_path.items():
     layer_params = params["params"]
     for name in path:

@@ -73,10 +73,17 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
 
 
 def describe_training(model, config: train.TrainConfig, dataset: Dataset,
-                      challenge: challenge_lib.Challenge) -> dict[str, object]:
-  """What decides the trained models; saved state must match it to be reused."""
+                      challenge: challenge_lib.Challenge,
+                      training_seed: int | None = None) -> dict[str, object]:
+  """What decides the trained models; saved state must match it to be reused.
+
+  The secret training seed enters as a hash only: this description is saved.
+  """
   seeds = np.ascontiguousarray(challenge.seeds_Kx3, np.uint64).tobytes()
+  secret = None if training_seed is None else hashlib.sha256(
+      str(training_seed).encode()).hexdigest()[:16]
   return {"dataset": dataset.name, "pool_size": len(dataset),
+          "training_seed": secret,
           "len_training": int(challenge.train_KxT.shape[1]),
           "len_challenge": int(challenge.challenge_KxC.shape[1] // 2),
           "num_models": challenge.num_models,
@@ -100,7 +107,8 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
                  challenge: challenge_lib.Challenge, log: Log | None = print,
                  mesh: Mesh | None = None, checkpoint_dir: str | None = None,
                  save_every: int = 0, unroll: bool = False,
-                 save_seconds: float = 0):
+                 save_seconds: float = 0,
+                 training_seed: int | None = None):
   """Trains every model of the challenge together, sharded over the mesh.
 
   K is padded to a multiple of the mesh's models axis with copies of the last
@@ -119,6 +127,8 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
     save_every: steps between checkpoints; 0: none by steps.
     unroll: unroll each epoch's steps (see `train.Trainer`); speed only.
     save_seconds: wall-clock seconds between checkpoints; 0: none by time.
+    training_seed: the run's secret seed of the training randomness (see
+      `train.model_keys`).
 
   Returns:
     Stacked params of the K models, as host arrays.
@@ -129,14 +139,15 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
   if log:
     log(parallel.describe(mesh, num_models))
   trainer = make_trainer(model, config, padded.train_KxT.shape[1], unroll)
-  key_K = parallel.put_models(np.asarray(train.model_keys(padded.seeds_Kx3)),
-                              mesh)
+  key_K = parallel.put_models(
+      np.asarray(train.model_keys(padded.seeds_Kx3, training_seed)), mesh)
   example_x = jnp.asarray(dataset.x[0])
   abstract = jax.eval_shape(trainer.init, key_K, example_x)
   shardings = parallel.state_shardings(abstract, mesh)
   state, checkpoints, save = None, None, None
   if checkpoint_dir:
-    description = describe_training(model, config, dataset, challenge)
+    description = describe_training(model, config, dataset, challenge,
+                                    training_seed)
     # The state holds the padding copies, so it fits only this many models.
     description["models_with_padding"] = padded.num_models
     checkpoints = checkpoint.TrainCheckpoints(checkpoint_dir, description)
@@ -204,9 +215,11 @@ class Execution:
 def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
                        challenge: challenge_lib.Challenge,
                        queries: Sequence[stats.Query], execution: Execution,
-                       name: str, log: Log | None):
+                       name: str, log: Log | None,
+                       training_seed: int | None):
   """One wave: saved results if any, else (resumed) training and statistics."""
-  description = describe_training(model, config, dataset, challenge)
+  description = describe_training(model, config, dataset, challenge,
+                                  training_seed)
   description["queries"] = [repr(q) for q in queries]
   path = execution.directory and os.path.join(execution.directory, "trained",
                                               f"{name}.npz")
@@ -225,7 +238,8 @@ def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
       model, config, dataset, challenge, log, execution.mesh,
       execution.directory and os.path.join(execution.directory,
                                            "checkpoints", name),
-      execution.save_every, execution.unroll, execution.save_minutes * 60)
+      execution.save_every, execution.unroll, execution.save_minutes * 60,
+      training_seed)
   if log:
     log(f"statistics pass: {challenge.num_models} models x {len(dataset)}"
         f" points x {len(queries)} queries")
@@ -251,7 +265,8 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
                  num_models: int, seed: int, attack_names: Sequence[str],
                  queries: Sequence[stats.Query], shadows: str = "all",
                  log: Log | None = print,
-                 execution: Execution = Execution()) -> ScenarioResult:
+                 execution: Execution = Execution(),
+                 training_seed: int | None = None) -> ScenarioResult:
   """Builds the challenge, trains, computes statistics and runs the attacks.
 
   Args:
@@ -266,6 +281,8 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
       train-phase models, whose membership MICO reveals).
     log: progress messages, or None.
     execution: devices, waves, checkpoints.
+    training_seed: the run's secret seed of the training randomness (see
+      `train.model_keys`); None derives it from the published seeds.
   """
   challenge = challenge_lib.make_challenge(
       len(dataset), task.len_training, task.len_challenge,
@@ -291,7 +308,7 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
       log(f"wave of models {models[0]}-{models[-1]} of {num_models}")
     parts.append(_train_and_observe(
         model, config, dataset, challenge.select(models), queries, execution,
-        f"models_{models[0]}-{models[-1]}", log))
+        f"models_{models[0]}-{models[-1]}", log, training_seed))
   params, observed = jax.tree.map(lambda *a: np.concatenate(a), *parts)
   if mechanism is not None:
     # Every model takes the same steps with the same σ and q.

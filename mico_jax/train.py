@@ -176,10 +176,26 @@ def _stream(key: jax.Array, name: str) -> jax.Array:
   return jax.random.fold_in(key, _STREAMS.index(name))
 
 
-def model_keys(seeds_Kx3: np.ndarray) -> jax.Array:
-  """One raw PRNG key per model, from that model's three challenge seeds."""
-  words = [np.random.SeedSequence([int(s) for s in seeds]).generate_state(2)
-           for seeds in seeds_Kx3]
+def model_keys(seeds_Kx3: np.ndarray,
+               training_seed: int | None = None) -> jax.Array:
+  """One raw PRNG key per model: its init, data order, DP noise and sampling.
+
+  Args:
+    seeds_Kx3: each model's three challenge seeds.
+    training_seed: the run's secret seed, mixed with each model's seeds (so a
+      model's key is still its own, whatever other models train with it). The
+      challenge seeds alone are published in the bundle: with None, the keys
+      derive from them only, and anyone holding the bundle can regenerate the
+      DP noise (fine for tests and benchmarks, not for a privacy claim).
+  """
+  if training_seed is None:
+    sequences = [np.random.SeedSequence([int(s) for s in seeds])
+                 for seeds in seeds_Kx3]
+  else:
+    sequences = [np.random.SeedSequence(
+        training_seed, spawn_key=tuple(int(s) for s in seeds))
+                 for seeds in seeds_Kx3]
+  words = [s.generate_state(2) for s in sequences]
   return jnp.asarray(np.stack(words), jnp.uint32)
 
 
