@@ -5,6 +5,8 @@ r"""The main job: MICO challenge -> K models trained together -> attacks -> MICO
 writes, under --workdir:
   scores.json                 {scenario: {attack: {MICO metric: value}}}
   roc.png                     log-log ROC curves, one panel per scenario
+  report.md                   per scenario: epsilon, the attack selection,
+                              score tables for dev, final and pooled
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
   <scenario>/run.json         the command, sizes, recipe, mean accuracies,
                               epsilon spent (DP) and seconds taken
@@ -172,7 +174,7 @@ def run(log=print) -> dict:
   dataset = task.load(_DATA_DIR.value)
   challenge.check_sizes(len(dataset), task.len_training, task.len_challenge)
   queries = stats.default_queries(dataset, _QUERY_SHIFT.value)
-  all_scores, panels = {}, {}
+  all_scores, panels, sections = {}, {}, []
   for scenario in _SCENARIOS.value:
     config = task.scenarios[scenario]
     if _EPOCHS.value:
@@ -225,15 +227,27 @@ def run(log=print) -> dict:
                            result.challenge, predictions, result.epsilon_K)
     panels[scenario] = {name: (result.challenge.member_KxC, s)
                         for name, s in result.scores_KxC.items()}
+    notes = [attacks.shadow_coverage(result.observations)]
+    if "selected" in result.scores_KxC:
+      notes += ["selected: " + line for line in attacks.select_lib.selection(
+          result.observations).describe().splitlines()]
+    sections.append(report.Section(
+        scenario, result.challenge.phases, result.challenge.member_KxC,
+        result.scores_KxC, None if result.epsilon_K is None else
+        float(result.epsilon_K.max()), tuple(notes)))
     log(f"[{scenario}] MICO scores over {num_models} x"
         f" {2 * task.len_challenge} challenge points:\n" +
+        "".join(f"  {note}\n" for note in notes) +
         scoring.score_table(result.metrics))
   if not main:
     return all_scores
   report.plot_roc(panels, os.path.join(workdir, "roc.png"),
                   title=f"{task.name}, {num_models} models")
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(report.markdown_report(
+        sections, f"{task.name}, {num_models} models"))
   _write_json_atomically(all_scores, os.path.join(workdir, "scores.json"))
-  log(f"wrote {workdir}/scores.json, roc.png and bundle/")
+  log(f"wrote {workdir}/scores.json, report.md, roc.png and bundle/")
   return all_scores
 
 

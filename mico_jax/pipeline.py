@@ -35,6 +35,7 @@ class ScenarioResult:
   metrics: dict[str, dict[str, float]]  # attack -> MICO metrics
   mechanism: dp.Mechanism | None = None  # DP-SGD's parameters, if DP
   epsilon_K: np.ndarray | None = None  # ε spent by each model, if DP
+  observations: attacks_lib.Observations | None = None  # what attacks saw
 
   def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-model accuracy on its training and its evaluation points."""
@@ -286,9 +287,10 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
   if shadows == "train":
     shadow_K = np.array([p == "train" for p in challenge.phases])
   observations = attacks_lib.Observations(
-      observed.stat_KxNxA, observed.loss_KxNxA, challenge.keep_KxN, shadow_K)
+      observed.stat_KxNxA, observed.loss_KxNxA, challenge.keep_KxN, shadow_K,
+      challenge.challenge_KxC)
   scores = attack_scores(observations, challenge, attack_names)
   metrics = {name: scoring.score(challenge.member_KxC, s)
              for name, s in scores.items()}
   return ScenarioResult(challenge, params, observed, scores, metrics,
-                        mechanism, epsilon_K)
+                        mechanism, epsilon_K, observations)

@@ -170,5 +170,33 @@ def _checked(attack: Attack) -> Attack:
   return run
 
 
-ATTACKS: dict[str, Attack] = {name: _checked(fn)
+# The last observations' scores, so that selection and combination reuse the
+# candidates the main job already ran (and the report can describe the
+# selection without rerunning it). Keyed by the arrays' identity; holding
+# them keeps the identities valid.
+_CACHE: dict[str, object] = {"key": None}
+
+
+def cached(obs: Observations, name: str, compute: Callable[[], object]):
+  """`compute()` once per observations and name (the last observations)."""
+  key = tuple(id(x) for x in obs)
+  if _CACHE["key"] != key:
+    _CACHE.clear()
+    _CACHE.update(key=key, obs=obs)
+  if name not in _CACHE:
+    _CACHE[name] = compute()
+  return _CACHE[name]
+
+
+def _cached_attack(name: str, attack: Attack) -> Attack:
+  return _checked(lambda o: cached(o, name, lambda: np.asarray(attack(o))))
+
+
+ATTACKS: dict[str, Attack] = {name: _cached_attack(name, fn)
                               for name, fn in _UNCHECKED.items()}
+
+# select.py builds on the registry above.
+from mico_jax.attacks import select as select_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ATTACKS["selected"] = _checked(lambda o: select_lib.selection(o).score_KxN)
+ATTACKS["combined"] = _checked(lambda o: select_lib.combination(o).score_KxN)

@@ -29,7 +29,7 @@ import numpy as np
 from sklearn import linear_model
 
 from mico_jax import scoring
-from mico_jax.attacks import (EB_PRIOR_DF, Observations, _UNCHECKED,
+from mico_jax.attacks import (Observations, _UNCHECKED, cached,
                               check_observations, challenge_mask,
                               population_mask)
 from mico_jax.attacks.lira import lira_offline, lira_online
@@ -144,10 +144,25 @@ def _assemble(groups, picks, scores, obs, points):
 
 def score_candidates(obs: Observations, names: Sequence[str] | None = None,
                      ) -> dict[str, np.ndarray]:
-  """Every candidate's `score_KxN` (host arrays)."""
+  """Candidates' `score_KxN` (host arrays; default: all `CANDIDATES`).
+
+  Scores already computed for these observations (`attacks.cached`) are
+  reused.
+  """
   check_observations(obs)
   names = list(CANDIDATES) if names is None else names
-  return {n: np.asarray(CANDIDATES[n](obs), np.float64) for n in names}
+  return {n: cached(obs, n, lambda n=n: np.asarray(CANDIDATES[n](obs)))
+          for n in names}
+
+
+def selection(obs: Observations) -> "Selection":
+  """`select(obs)` over all candidates, once per observations."""
+  return cached(obs, "selected", lambda: select(obs))
+
+
+def combination(obs: Observations) -> "Selection":
+  """`combine(obs)`, once per observations."""
+  return cached(obs, "combined", lambda: combine(obs))
 
 
 def select(obs: Observations, scores: dict[str, np.ndarray] | None = None,
