@@ -179,7 +179,8 @@ def combination(obs: Observations) -> "Selection":
 
 
 def select(obs: Observations, scores: dict[str, np.ndarray] | None = None,
-           with_combined: bool = True) -> Selection:
+           with_combined: bool = True,
+           features: Sequence[str] = COMBINED_FEATURES) -> Selection:
   """Per group of targets, the candidate with the best validation metric.
 
   Args:
@@ -188,6 +189,7 @@ def select(obs: Observations, scores: dict[str, np.ndarray] | None = None,
     scores: precomputed candidate scores (default: all of `CANDIDATES`).
     with_combined: also consider `combine`'s logistic regression, validated
       out of sample.
+    features: the candidates the combination stacks (those in `scores`).
 
   Returns:
     The assembled scores, the choice per group and every candidate's
@@ -198,7 +200,8 @@ def select(obs: Observations, scores: dict[str, np.ndarray] | None = None,
   points = challenge_mask(obs)
   groups = validation_groups(obs.shadow_K, len(obs.keep_KxN))
   if with_combined:
-    scores["combined"], validated = _combined(obs, scores, groups, points)
+    scores["combined"], validated = _combined(obs, scores, groups, points,
+                                              features)
   picks, choices, table = [], [], {}
   for gi, (name, targets, validation) in enumerate(groups):
     metrics = {n: validation_metric(s, obs.keep_KxN, validation, points)
@@ -238,7 +241,7 @@ def _fit(scores, names, keep, points, fit_rows):
       C=1.0, solver="newton-cholesky", max_iter=100).fit(x, y)
 
 
-def _combined(obs, scores, groups, points):
+def _combined(obs, scores, groups, points, features):
   """Logistic-regression scores per group and their out-of-sample validation.
 
   For each group, a model fitted on its validation models scores its
@@ -246,7 +249,7 @@ def _combined(obs, scores, groups, points):
   validation models and scoring the other (both ways).
   """
   keep = np.asarray(obs.keep_KxN, bool)
-  names = [n for n in COMBINED_FEATURES if n in scores]
+  names = [n for n in features if n in scores]
   out = np.zeros(keep.shape)
   validated = []
   for _, targets, validation in groups:
@@ -273,15 +276,14 @@ def _combined(obs, scores, groups, points):
   return out, validated
 
 
-def combine(obs: Observations, scores: dict[str, np.ndarray] | None = None
-            ) -> Selection:
+def combine(obs: Observations, scores: dict[str, np.ndarray] | None = None,
+            features: Sequence[str] = COMBINED_FEATURES) -> Selection:
   """The logistic-regression combination alone, as a `Selection`."""
   check_observations(obs)
-  scores = score_candidates(obs, [n for n in COMBINED_FEATURES]
-                            ) if scores is None else scores
+  scores = score_candidates(obs, list(features)) if scores is None else scores
   points = challenge_mask(obs)
   groups = validation_groups(obs.shadow_K, len(obs.keep_KxN))
-  out, validated = _combined(obs, scores, groups, points)
+  out, validated = _combined(obs, scores, groups, points, features)
   choices = [Choice(name, int(t.sum()), int(v.sum()), "combined", val, None)
              for (name, t, v), val in zip(groups, validated)]
   return Selection(out, choices, {})
