@@ -7,6 +7,8 @@ writes, under --workdir:
                               value}}}}: phase dev and final scored apart as
                               MICO does, and all (every model pooled)
   roc.png                     log-log ROC curves, one panel per scenario
+  report.md                   per scenario: epsilon, the attack selection,
+                              score tables for dev, final and pooled
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
   <scenario>/run.json         the command, sizes, recipe, mean accuracies,
                               epsilon spent (DP) and seconds taken
@@ -397,7 +399,7 @@ def run(plan: Plan, folder: workdir.Workdir | None, log: Log = print) -> dict:
   if _CANARIES.value:
     dataset, canary_N = audit.mislabel(dataset, _CANARIES.value, _SEED.value)
   queries = stats.default_queries(dataset, _QUERY_SHIFT.value)
-  all_scores, panels = {}, {}
+  all_scores, panels, sections = {}, {}, []
   for scenario, config in plan.configs.items():
     if _ATTACKS_ONLY.value:
       log(f"[{scenario}] attacks only: on the {num_models} models an earlier"
@@ -448,20 +450,32 @@ def run(plan: Plan, folder: workdir.Workdir | None, log: Log = print) -> dict:
                            result.challenge, predictions, result.epsilon_K)
     panels[scenario] = {name: (result.challenge.member_KxC, s)
                         for name, s in result.scores_KxC.items()}
+    notes = [attacks.shadow_coverage(result.observations)]
+    if "selected" in result.scores_KxC:
+      notes += ["selected: " + line for line in attacks.select_lib.selection(
+          result.observations).describe().splitlines()]
+    sections.append(report.Section(
+        scenario, result.challenge.phases, result.challenge.member_KxC,
+        result.scores_KxC, None if result.epsilon_K is None else
+        float(result.epsilon_K.max()), tuple(notes)))
     for phase, by_attack in result.metrics.items():
       models = (num_models if phase == "all" else
                 result.challenge.phases.count(phase))
       log(f"[{scenario}] MICO scores, {phase}"
           f"{' phases pooled' if phase == 'all' else ' phase'}, over"
           f" {models} x {2 * task.len_challenge} challenge points:\n" +
+          "".join(f"  {note}\n" for note in notes) +
           scoring.score_table(by_attack))
   if folder is None:
     return all_scores
   report.plot_roc(panels, folder.output("roc.png"),
                   title=f"{task.name}, {num_models} models")
   workdir.write_json(all_scores, folder.output("scores.json"))
+  with open(folder.output("report.md"), "w") as f:
+    f.write(report.markdown_report(
+        sections, f"{task.name}, {num_models} models"))
   folder.publish()
-  log(f"wrote {root}/scores.json, roc.png and bundle/")
+  log(f"wrote {root}/scores.json, report.md, roc.png and bundle/")
   return all_scores
 
 

@@ -37,6 +37,7 @@ class ScenarioResult:
   metrics: dict[str, dict[str, dict[str, float]]]
   mechanism: dp.Mechanism | None = None  # DP-SGD's parameters, if DP
   epsilon_K: np.ndarray | None = None  # ε spent by each model, if DP
+  observations: attacks_lib.Observations | None = None  # what attacks saw
 
   def accuracy(self) -> tuple[np.ndarray, np.ndarray]:
     """Per-model accuracy on its training and its evaluation points."""
@@ -320,7 +321,8 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
   if shadows == "train":
     shadow_K = np.array([p == "train" for p in challenge.phases])
   observations = attacks_lib.Observations(
-      observed.stat_KxNxA, observed.loss_KxNxA, challenge.keep_KxN, shadow_K)
+      observed.stat_KxNxA, observed.loss_KxNxA, challenge.keep_KxN, shadow_K,
+      challenge.challenge_KxC)
   if log:
     log(f"attacks: {', '.join(attack_names)} on {num_models} targets")
   start = time.perf_counter()
@@ -330,4 +332,4 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
   metrics = scoring.score_phases(challenge.member_KxC, scores,
                                  challenge.phases)
   return ScenarioResult(challenge, params, observed, scores, metrics,
-                        mechanism, epsilon_K)
+                        mechanism, epsilon_K, observations)
