@@ -187,10 +187,10 @@ class Execution:
   unroll: bool = False
 
 
-def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
-                       challenge: challenge_lib.Challenge,
-                       queries: Sequence[stats.Query], execution: Execution,
-                       name: str, log: Log | None):
+def train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
+                      challenge: challenge_lib.Challenge,
+                      queries: Sequence[stats.Query], execution: Execution,
+                      name: str, log: Log | None):
   """One wave: saved results if any, else (resumed) training and statistics."""
   description = describe_training(model, config, dataset, challenge)
   description["queries"] = [repr(q) for q in queries]
@@ -272,7 +272,7 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
     models = np.arange(first, min(first + wave, num_models))
     if log and wave < num_models:
       log(f"wave of models {models[0]}-{models[-1]} of {num_models}")
-    parts.append(_train_and_observe(
+    parts.append(train_and_observe(
         model, config, dataset, challenge.select(models), queries, execution,
         f"models_{models[0]}-{models[-1]}", log))
   params, observed = jax.tree.map(lambda *a: np.concatenate(a), *parts)
