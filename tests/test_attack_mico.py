@@ -1,0 +1,160 @@
+"""attack_mico end to end on a MICO-layout release trained by PyTorch; bad input.
+
+The release is made here by `experiments/torch_mico.py` (MICO's Purchase-100
+trainer re-created: torch's `random_split` seeds, unshuffled loader, Adam,
+StepLR) on the embedded digits, 8 models per scenario (4 train, 2 dev, 2
+final), 1 epoch. The `hi` and `lo` models are NOT trained with opacus: they
+are plain models whose keys carry Opacus's `_module.` prefix, which is all
+the importer sees of DP.
+"""
+
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+from sklearn import metrics
+
+torch = pytest.importorskip("torch")
+
+from experiments import attack_mico, torch_mico  # pylint: disable=g-import-not-at-top
+from mico_jax import challenge, data  # pylint: disable=g-import-not-at-top
+
+TASK, N, M, MODELS = "digits", 900, 100, 8
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+  """`<root>/digits/digits_{inf,hi,lo}` and `<root>/solutions/digits/...`."""
+  root = tmp_path_factory.mktemp("release")
+  dataset = data.load_digits()
+  recipe = torch_mico.Recipe(epochs=1, batch_size=64, learning_rate=1e-2)
+  for s, scenario in enumerate(("inf", "hi", "lo")):
+    for index, phase in enumerate(challenge.mico_phases(MODELS)):
+      seeds = torch_mico.mico_seeds(7, index + 1000 * s)
+      _, member, train_idx, _ = torch_mico.mico_splits(len(dataset), N, M,
+                                                       seeds)
+      state = torch_mico.train_mlp(dataset.x, dataset.y, train_idx, 10, 128,
+                                   recipe, seed=index)
+      if scenario != "inf":
+        state = {"_module." + k: v for k, v in state.items()}
+      sub = os.path.join(f"{TASK}_{scenario}", phase, f"model_{index}")
+      torch_mico.write_model(str(root / TASK / sub), phase, seeds, member,
+                             state, str(root / "solutions" / TASK / sub))
+  return root
+
+
+def _attack(*argv):
+  """Runs the command line in-process; returns its exit message, or None."""
+  with flagsaver.flagsaver():
+    flags.FLAGS(["attack_mico", f"--task={TASK}", *argv])
+    try:
+      attack_mico.main(["attack_mico"])
+    except SystemExit as e:
+      return str(e.code)
+  return None
+
+
+def _mico_score(solutions, predictions):
+  """MICO's score.py on concatenated files: sklearn's ROC, strict FPR < t."""
+  fpr, tpr, _ = metrics.roc_curve(solutions, predictions)
+  return {"TPR_FPR_1000": max(tpr[fpr < 0.1]),
+          "TPR_FPR_100": max(tpr[fpr < 0.01]),
+          "AUC": metrics.roc_auc_score(solutions, predictions)}
+
+
+def test_end_to_end_predictions_zip_scores(release, tmp_path):
+  workdir = tmp_path / "w"
+  assert _attack(f"--mico_dir={release / TASK}", f"--workdir={workdir}",
+                 f"--solutions_dir={release / 'solutions' / TASK}",
+                 "--fresh_shadows=4", "--shadows=both", "--epochs=1",
+                 "--attacks=loss,lira_online,lira_offline") is None
+  scores = json.loads((workdir / "scores.json").read_text())
+  assert set(scores) == {"inf", "hi", "lo"}
+  for per_phase in scores.values():
+    assert set(per_phase) == {"train", "dev", "final"}
+    assert set(per_phase["dev"]) == {"loss", "lira_online", "lira_offline"}
+  with zipfile.ZipFile(workdir / "submission.zip") as z:
+    names = sorted(z.namelist())
+    z.extractall(tmp_path / "res")
+  expected = sorted(
+      f"{TASK}/{TASK}_{s}/{p}/model_{i}/prediction.csv"
+      for s in ("inf", "hi", "lo")
+      for i, p in enumerate(challenge.mico_phases(MODELS)) if p != "train")
+  assert names == expected
+  # MICO's own formula on our files gives our numbers.
+  for scenario in ("inf", "hi", "lo"):
+    for phase in ("dev", "final"):
+      folder = f"{TASK}/{TASK}_{scenario}/{phase}"
+      models = sorted(os.listdir(tmp_path / "res" / folder))
+      predictions = np.concatenate([np.loadtxt(
+          tmp_path / "res" / folder / m / "prediction.csv", delimiter=",")
+                                    for m in models])
+      solutions = np.concatenate([np.loadtxt(
+          release / "solutions" / folder / m / "solution.csv", delimiter=",")
+                                  for m in models])
+      assert predictions.shape == (len(models) * 2 * M,)
+      assert 0 <= predictions.min() and predictions.max() <= 1
+      ours = scores[scenario][phase]["lira_online"]
+      for key, value in _mico_score(solutions, predictions).items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), (scenario, phase,
+                                                              key)
+  report = (workdir / "report.md").read_text()
+  assert "recipe check" in report.lower() and "eval accuracy" in report
+  assert (workdir / "roc.png").stat().st_size > 1000
+
+
+def _broken_release(release, tmp_path, relpath, damage):
+  root = tmp_path / "mico"
+  shutil.copytree(release / TASK / f"{TASK}_inf", root / f"{TASK}_inf")
+  path = root / f"{TASK}_inf" / relpath
+  damage(path)
+  return root, path
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:100])
+
+
+def _pickle_payload(path):
+  # Unpickling would run open(<marker>, "w"): the marker proves it did not.
+  torch.save({"mlp.0.weight": _Payload(str(path.parent / "executed"))}, path)
+
+
+class _Payload:
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
+
+
+def _wrong_shape(path):
+  state = torch.load(path, weights_only=True)
+  state["mlp.0.weight"] = torch.zeros(128, 63)
+  torch.save(state, path)
+
+
+@pytest.mark.parametrize("relpath, damage, message", [
+    ("dev/model_4/seed_challenge", os.remove, "missing seed file"),
+    ("train/model_1/seed_membership", os.remove, "missing seed file"),
+    ("final/model_7/model.pt", _truncate, "not a readable PyTorch file"),
+    ("train/model_0/model.pt", _pickle_payload, "refused"),
+    ("dev/model_5/model.pt", _wrong_shape, "mlp.0.weight has shape (128, 63)"),
+])
+def test_bad_release_one_line_nothing_written(release, tmp_path, relpath,
+                                              damage, message):
+  root, path = _broken_release(release, tmp_path, relpath, damage)
+  workdir = tmp_path / "w"
+  error = _attack(f"--mico_dir={root}", f"--workdir={workdir}",
+                  "--fresh_shadows=0")
+  assert error is not None and "\n" not in error
+  assert error.startswith(f"error: {path}: ") and message in error, error
+  assert not (path.parent / "executed").exists()
+  for name in ("scores.json", "submission.zip", "report.md", "predictions"):
+    assert not (workdir / name).exists()
