@@ -1,23 +1,36 @@
 """MICO challenges: three seeds per model -> splits of the pool -> `keep_KxN`.
 
-For each model, as MICO's `ChallengeDataset` does with `random_split`:
+The splits are exactly MICO's (`ChallengeDataset` in microsoft/MICO's
+`src/mico-competition/mico.py`), which draws each with
+`torch.utils.data.random_split(ds, lengths, generator)`:
 
   pool (N) --seed_challenge--> challenge (2m) | rest (N - 2m)
   challenge --seed_membership--> non-members (m) | members (m)
   rest      --seed_training-->   training (n - m) | evaluation (N - n - m)
 
-The model trains on members + training (n points) and is evaluated on
-evaluation. Random splits here come from numpy's PCG64 seeded with each seed,
-so they are deterministic but not MICO's torch MT19937 draws: reproducing the
-real release's splits is the importer's job.
+The model trains on members + training (n points, members first, as MICO's
+`ConcatDataset([member, training])`) and is evaluated on evaluation.
+`random_split` cuts `randperm(len(ds))` into the lengths in order. MICO's
+generator (`torchcsprng.create_mt19937_generator(seed)`) is a `std::mt19937`
+seeded with the seed's low 32 bits, and its `randperm(n)` is a forward
+Fisher–Yates swapping r[i] with r[i + u_i % (n - i)] for i = 0..n-2, u_i the
+generator's raw 32-bit outputs; `torch.Generator().manual_seed(seed)` on CPU
+gives the same permutations. Here the mt19937 draws come from numpy (its
+legacy `RandomState` seeding is the same `init_genrand`), so torch is not
+needed; tests check equality with torch where it is installed.
 
 MICO's bundle layout is `<scenario>/<phase>/model_<i>/` holding the seed files,
 `solution.csv` (0/1 per challenge point) and `prediction.csv`; 200 models a
-scenario split into phases train (100), dev (50) and final (50).
+scenario split into phases train (100), dev (50) and final (50). Both csv files
+are written as MICO and its starting kit write them, one comma-separated row
+(`csv.writer(f).writerow(values)`); `read_values` reads that and the
+one-value-per-line form, which MICO's scorer (`np.loadtxt(delimiter=",")`)
+also accepts.
 """
 
 import dataclasses
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -110,8 +123,49 @@ def check_sizes(pool_size: int, len_training: int, len_challenge: int) -> None:
         f" but the data set has only {pool_size}")
 
 
-def _permutation(seed: int, n: int) -> np.ndarray:
-  return np.random.default_rng(int(seed)).permutation(n)
+def _mt19937(seed: int) -> np.random.RandomState:
+  """torch's CPU (and torchcsprng's) mt19937 for `seed`.
+
+  Both seed with the low 32 bits by `init_genrand`, as numpy's legacy
+  `RandomState` does with a 32-bit integer; a full-range uint32 `randint` then
+  returns the raw 32-bit outputs unchanged.
+  """
+  return np.random.RandomState(int(seed) & 0xFFFFFFFF)
+
+
+def randperm(seeds_R: np.ndarray, sizes_R: np.ndarray,
+             block: int = 4096) -> np.ndarray:
+  """`torch.randperm(sizes_R[r], generator=<mt19937 seeded seeds_R[r]>)`, all r.
+
+  Returns `[R, max(sizes_R)]`: row r's first `sizes_R[r]` entries are its
+  permutation (the rest of the row is untouched identity). Fisher–Yates is
+  sequential in i, so the loop runs over i with array operations across all R
+  permutations; positions are stored `[N, R]` so that step i touches one
+  contiguous row. Draws are made `block` steps at a time to bound memory.
+  """
+  seeds_R = np.asarray(seeds_R, np.uint64)
+  sizes_R = np.asarray(sizes_R, np.int64)
+  num, n_max = len(seeds_R), int(sizes_R.max(initial=0))
+  rngs = [_mt19937(s) for s in seeds_R]
+  perm_NxR = np.repeat(np.arange(n_max, dtype=np.int64)[:, None], num, 1)
+  flat = perm_NxR.reshape(-1)
+  cols_R = np.arange(num)
+  for start in range(0, n_max - 1, block):
+    i_B = np.arange(start, min(start + block, n_max - 1))
+    draws_BxR = np.zeros((len(i_B), num), np.int64)
+    for r, rng in enumerate(rngs):
+      count = min(len(i_B), int(sizes_R[r]) - 1 - start)
+      if count > 0:
+        draws_BxR[:count, r] = rng.randint(2**32, size=count, dtype=np.uint32)
+    # Permutations already finished swap with themselves (j = i).
+    left_BxR = np.maximum(sizes_R[None] - i_B[:, None], 1)
+    where_BxR = (i_B[:, None] + draws_BxR % left_BxR) * num + cols_R
+    for b, i in enumerate(i_B):
+      here = slice(i * num, (i + 1) * num)
+      row_R = flat[here].copy()
+      flat[here] = flat[where_BxR[b]]
+      flat[where_BxR[b]] = row_R
+  return np.ascontiguousarray(perm_NxR.T)
 
 
 def make_challenge(pool_size: int, len_training: int, len_challenge: int,
@@ -128,27 +182,63 @@ def make_challenge(pool_size: int, len_training: int, len_challenge: int,
   """
   check_sizes(pool_size, len_training, len_challenge)
   seeds_Kx3 = np.asarray(seeds_Kx3, np.uint64)
-  m, n = len_challenge, len_training
-  challenge, member, train, evaluation = [], [], [], []
-  for seed_challenge, seed_training, seed_membership in seeds_Kx3:
-    order = _permutation(seed_challenge, pool_size)
-    chal, rest = order[:2 * m], order[2 * m:]
-    rest = rest[_permutation(seed_training, rest.size)]
-    split = _permutation(seed_membership, 2 * m)
-    members = chal[split[m:]]
-    challenge.append(chal)
-    member.append(np.isin(chal, members))
-    train.append(np.concatenate([members, rest[:n - m]]))
-    evaluation.append(rest[n - m:])
+  m, n, num = len_challenge, len_training, len(seeds_Kx3)
+  # Challenge and training permutations run in one loop (same length scale).
+  perm_2KxN = randperm(np.concatenate([seeds_Kx3[:, 0], seeds_Kx3[:, 1]]),
+                       [pool_size] * num + [pool_size - 2 * m] * num)
+  challenge_KxC = perm_2KxN[:num, :2 * m].copy()
+  rest_KxR = np.take_along_axis(perm_2KxN[:num, 2 * m:],
+                                perm_2KxN[num:, :pool_size - 2 * m], axis=1)
+  # Membership: non-members are the first m of the challenge's permutation.
+  members_Kxm = randperm(seeds_Kx3[:, 2], [2 * m] * num)[:, m:]
+  member_KxC = np.zeros((num, 2 * m), bool)
+  np.put_along_axis(member_KxC, members_Kxm, True, axis=1)
+  train_KxT = np.concatenate(
+      [np.take_along_axis(challenge_KxC, members_Kxm, axis=1),
+       rest_KxR[:, :n - m]], axis=1)
+  eval_KxE = rest_KxR[:, n - m:].copy()
   phases = tuple(phases) if phases is not None else mico_phases(len(seeds_Kx3))
   if len(phases) != len(seeds_Kx3) or not set(phases) <= set(PHASES):
     raise ChallengeError(f"need one phase of {PHASES} per model, got {phases}")
-  return Challenge(pool_size, seeds_Kx3, np.stack(challenge), np.stack(member),
-                   np.stack(train), np.stack(evaluation), phases)
+  return Challenge(pool_size, seeds_Kx3, challenge_KxC, member_KxC, train_KxT,
+                   eval_KxE, phases)
 
 
 def model_dir(root: str, scenario: str, phase: str, model: int) -> str:
   return os.path.join(root, scenario, phase, f"model_{model}")
+
+
+def write_values(path: str, values: np.ndarray) -> None:
+  """Writes one comma-separated row, as MICO's `solution.csv`/`prediction.csv`.
+
+  Integers stay integers; floats are written in their shortest exact form.
+  """
+  values = np.asarray(values).ravel()
+  with open(path, "w") as f:
+    f.write(",".join(map(repr if values.dtype.kind == "f" else str,
+                         values.tolist())) + "\n")
+
+
+def read_values(path: str) -> np.ndarray:
+  """A `solution.csv`/`prediction.csv` as float64 `[C]`.
+
+  Accepts one comma-separated row (MICO's form) or one value per line; raises
+  ChallengeError naming the file for anything else (unreadable, empty, a
+  table of several rows and columns). Values are not range-checked here.
+  """
+  try:
+    with warnings.catch_warnings():  # an empty file is refused below
+      warnings.simplefilter("ignore", UserWarning)
+      table = np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float64)
+  except (OSError, ValueError) as e:
+    raise ChallengeError(f"{path}: cannot read numbers ({e})") from e
+  if table.size == 0:
+    raise ChallengeError(f"{path}: no values")
+  if min(table.shape) != 1:
+    raise ChallengeError(
+        f"{path}: expected one row or one column of values, got a"
+        f" {table.shape[0]}x{table.shape[1]} table")
+  return table.ravel()
 
 
 def write_bundle(root: str, scenario: str, challenge: Challenge,
@@ -175,11 +265,10 @@ def write_bundle(root: str, scenario: str, challenge: Challenge,
     for name, seed in zip(SEED_FILES, challenge.seeds_Kx3[k]):
       with open(os.path.join(path, name), "w") as f:
         f.write(f"{int(seed)}\n")
-    np.savetxt(os.path.join(path, "solution.csv"),
-               challenge.member_KxC[k].astype(int), fmt="%d")
+    write_values(os.path.join(path, "solution.csv"),
+                 challenge.member_KxC[k].astype(int))
     if predictions_KxC is not None:
-      np.savetxt(os.path.join(path, "prediction.csv"), predictions_KxC[k],
-                 fmt="%.17g")
+      write_values(os.path.join(path, "prediction.csv"), predictions_KxC[k])
     if epsilon_K is not None:
       with open(os.path.join(path, "epsilon"), "w") as f:
         f.write(f"{epsilon_K[k]:.3f}\n")
@@ -219,4 +308,9 @@ def read_bundle(root: str, scenario: str, pool_size: int, len_training: int,
   paths = [os.path.join(path, "prediction.csv") for _, _, path in models]
   if not all(os.path.exists(p) for p in paths):
     return challenge, None
-  return challenge, np.stack([np.loadtxt(p, ndmin=1) for p in paths])
+  predictions = [read_values(p) for p in paths]
+  for path, values in zip(paths, predictions):
+    if values.shape != (2 * len_challenge,):
+      raise ChallengeError(f"{path}: {values.size} predictions, expected"
+                           f" {2 * len_challenge}")
+  return challenge, np.stack(predictions)

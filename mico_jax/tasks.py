@@ -143,7 +143,7 @@ def load_sst2(data_dir: str | None, pool_size: int | None = None
   if pool_size:
     idx = data.subset_indices(len(labels), pool_size)
     sentences, labels = [sentences[i] for i in idx], labels[idx]
-  return sst2.encode_text(sentences, labels, "sst2")
+  return sst2.encode_text(sentences, labels, "sst2", mico_order=not pool_size)
 
 
 def load_purchase100(data_dir: str | None, pool_size: int | None = None

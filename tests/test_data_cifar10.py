@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mico_jax import data
 from mico_jax.data import DataError
 from mico_jax.data import cifar10
 import tfds_prepared
@@ -59,6 +60,10 @@ def test_npz_decodes_in_archive_order(tmp_path):
   pixels = np.array(colors + [(200, 200, 200)], np.uint8)[:, None, None, :]
   expected = cifar10.normalize(np.broadcast_to(pixels, (6, 32, 32, 3)).copy())
   np.testing.assert_allclose(ds.x, expected, atol=3 / 255 / 0.24)
+  # Sorted by class, not CIFAR-10's order: MICO's seeds must not apply.
+  assert not ds.mico_order
+  with pytest.raises(DataError, match="cifar10: this pool is not in MICO's"):
+    data.require_mico_order(ds)
 
 
 def test_npz_missing_file(tmp_path):
@@ -137,6 +142,11 @@ def test_tfds_restores_original_order(id_type):
   np.testing.assert_array_equal(ds.x, expected)
   np.testing.assert_array_equal(ds.y, pool_index % 10)
   assert ds.kind == "image" and ds.hflip and ds.num_classes == 10
+  assert ds.mico_order
+  data.require_mico_order(ds)
+  # A subset is not MICO's pool any more.
+  with pytest.raises(DataError, match="not in MICO's order"):
+    data.require_mico_order(data.subset(ds, 10))
 
 
 def _png(value: int) -> bytes:

@@ -114,6 +114,7 @@ def test_load_sst2_tsv(tmp_path):
   # Vocabulary from the whole pool: c (3), b (2).
   np.testing.assert_array_equal(ds.x, [[1, 3], [3, 2], [2, 1]])
   np.testing.assert_array_equal(ds.y, [1, 0, 1])
+  assert ds.mico_order  # GLUE's train then dev rows, in file order
 
 
 def test_load_sst2_tsv_missing_dev(tmp_path):
@@ -167,7 +168,7 @@ def test_load_sst2_tfds():
                + [f"validation sentence {i}" for i in range(2)])
   expected = sst2.encode_text(sentences, [0, 1, 0, 1, 0, 0, 1], "sst2",
                               vocab_size=50, max_len=4)
-  assert ds.x.shape == (7, 4) and ds.kind == "text"
+  assert ds.x.shape == (7, 4) and ds.kind == "text" and ds.mico_order
   np.testing.assert_array_equal(ds.x, expected.x)
   np.testing.assert_array_equal(ds.y, expected.y)
 

@@ -27,6 +27,7 @@ def test_parses_quoted_and_plain_labels(tmp_path):
   np.testing.assert_array_equal(ds.x, [[0, 1, 1], [1, 0, 0], [0, 0, 1]])
   np.testing.assert_array_equal(ds.y, [1, 0, 2])
   assert ds.num_classes == 3  # Inferred: the largest label.
+  assert ds.mico_order  # the file's order, as MICO reads Purchase-100
 
 
 def test_num_classes_given_and_non_integer_features(tmp_path):

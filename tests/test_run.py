@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from mico_jax import challenge
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,8 +38,8 @@ def test_small_run_writes_scores_bundle_and_plot(tmp_path):
       "TPR_FPR_10", "TPR_FPR_100", "TPR_FPR_500", "TPR_FPR_1000",
       "TPR_FPR_1500", "TPR_FPR_2000", "AUC", "MIA", "accuracy"}
   assert (workdir / "roc.png").stat().st_size > 1000
-  prediction = np.loadtxt(workdir / "bundle" / "inf" / "final" / "model_3" /
-                          "prediction.csv")
+  prediction = challenge.read_values(
+      str(workdir / "bundle" / "inf" / "final" / "model_3" / "prediction.csv"))
   assert prediction.shape == (200,)
   assert prediction.min() >= 0 and prediction.max() <= 1
   models = (workdir / "inf" / "models.csv").read_text().splitlines()

@@ -2,6 +2,12 @@
 
 Every loader returns a `Dataset`: the whole pool that MICO draws challenges from
 (for CIFAR-10 and SST-2, train and test concatenated), as numpy arrays.
+
+MICO's seeds pick pool *indices*, so they give MICO's splits only on a pool in
+MICO's order (CIFAR-10: torchvision's train then test, each in file order;
+SST-2: GLUE's train then validation; Purchase-100: the file's order). Each
+loader says whether its pool is in that order (`Dataset.mico_order`); anything
+that rebuilds the real release's splits calls `require_mico_order`.
 """
 
 import dataclasses
@@ -29,6 +35,9 @@ class Dataset:
     num_classes: number of classes.
     kind: "image", "tabular" or "text"; decides models and query augmentations.
     hflip: whether a horizontal flip preserves labels (natural images).
+    mico_order: point i is point i of MICO's own pool for this data set, so
+      MICO's seeds select the same points here. False for pools in another
+      order (the shared CIFAR-10 archive is sorted by class) or subsets.
   """
 
   name: str
@@ -37,6 +46,7 @@ class Dataset:
   num_classes: int
   kind: Kind
   hflip: bool = False
+  mico_order: bool = False
 
   def __post_init__(self):
     if len(self.x) != len(self.y):
@@ -51,6 +61,20 @@ class Dataset:
 
   def __len__(self) -> int:
     return len(self.y)
+
+
+def require_mico_order(dataset: Dataset) -> None:
+  """Raises DataError unless `dataset` is in MICO's pool order.
+
+  For code that applies the real MICO release's seeds: a pool in another order
+  would give other splits silently.
+  """
+  if not dataset.mico_order:
+    raise DataError(
+        f"{dataset.name}: this pool is not in MICO's order (point i here is"
+        " not MICO's point i), so MICO's seeds would select other points; load"
+        " it from a source in the original order (for CIFAR-10, TFDS rather"
+        " than the shared JPEG archive) and without subsetting")
 
 
 def subset_indices(pool_size: int, size: int, seed: int = 0) -> np.ndarray:
@@ -68,7 +92,8 @@ def subset_indices(pool_size: int, size: int, seed: int = 0) -> np.ndarray:
 def subset(dataset: Dataset, size: int, seed: int = 0) -> Dataset:
   """The points `subset_indices(len(dataset), size, seed)` of `dataset`."""
   idx = subset_indices(len(dataset), size, seed)
-  return dataclasses.replace(dataset, x=dataset.x[idx], y=dataset.y[idx])
+  return dataclasses.replace(dataset, x=dataset.x[idx], y=dataset.y[idx],
+                             mico_order=False)
 
 
 def load_digits() -> Dataset:

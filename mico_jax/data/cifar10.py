@@ -59,9 +59,10 @@ def load_cifar10_npz(path: str | os.PathLike[str]) -> Dataset:
   1 = test, last). Decoding all 60,000 with Pillow takes a few seconds.
 
   Note: within each split the archive is ordered by class, then by source file
-  number, NOT in CIFAR-10's original order, and JPEG pixels differ slightly
-  from the original binaries. Use `load_cifar10_tfds` to index the original
-  order (e.g. to reproduce the real MICO splits).
+  number, NOT in CIFAR-10's original order (so `mico_order` is False), and
+  JPEG pixels differ slightly from the original binaries. Use
+  `load_cifar10_tfds` to index the original order (e.g. to reproduce the real
+  MICO splits).
 
   Args:
     path: the `.npz` archive.
@@ -100,7 +101,7 @@ def load_cifar10_npz(path: str | os.PathLike[str]) -> Dataset:
   images = np.empty((n, *_IMAGE_SHAPE), np.uint8)
   for i in range(n):
     images[i] = _decode(data[offsets[i]:offsets[i + 1]], f"{path}: image {i}")
-  return _dataset(images, label)
+  return _dataset(images, label, mico_order=False)
 
 
 def load_cifar10_tfds(
@@ -135,7 +136,8 @@ def load_cifar10_tfds(
         what=f"TFDS cifar10/{split}")
     images.append(np.stack([examples[i]["image"] for i in order]))
     labels.append(np.asarray([examples[i]["label"] for i in order]))
-  return _dataset(np.concatenate(images), np.concatenate(labels))
+  return _dataset(np.concatenate(images), np.concatenate(labels),
+                  mico_order=True)
 
 
 def _order_by_id(ids: Sequence[Any], prefix: str, what: str) -> np.ndarray:
@@ -181,6 +183,7 @@ def _decode(data: bytes, where: str) -> np.ndarray:
   return array
 
 
-def _dataset(images: np.ndarray, labels: np.ndarray) -> Dataset:
+def _dataset(images: np.ndarray, labels: np.ndarray, mico_order: bool
+             ) -> Dataset:
   return Dataset("cifar10", normalize(images), labels.astype(np.int32), 10,
-                 "image", hflip=True)
+                 "image", hflip=True, mico_order=mico_order)

@@ -225,6 +225,7 @@ def encode_text(
     vocab_size: int = 10_000,
     max_len: int = 64,
     vocabulary: Vocabulary | None = None,
+    mico_order: bool = False,
 ) -> Dataset:
   """Tokenizes a binary-labelled text pool into a `Dataset`.
 
@@ -237,6 +238,8 @@ def encode_text(
     max_len: sequence length: longer texts are truncated (first tokens kept),
       shorter ones padded with 0.
     vocabulary: a vocabulary to use instead of building one.
+    mico_order: the sentences are MICO's whole SST-2 pool in its order (GLUE
+      train then validation); see `Dataset.mico_order`.
 
   Returns:
     A `Dataset` of kind "text": `x` int32 `[N, max_len]`, `y` int32, 2 classes.
@@ -244,7 +247,8 @@ def encode_text(
   if vocabulary is None:
     vocabulary = Vocabulary.build(sentences, vocab_size)
   x = vocabulary.encode_batch(sentences, max_len)
-  return Dataset(name, x, np.asarray(labels, np.int32), 2, "text")
+  return Dataset(name, x, np.asarray(labels, np.int32), 2, "text",
+                 mico_order=mico_order)
 
 
 def load_sst2_tsv(
@@ -259,7 +263,7 @@ def load_sst2_tsv(
   """
   sentences, labels = read_sst2_tsv(directory)
   return encode_text(sentences, labels, "sst2", vocab_size=vocab_size,
-                     max_len=max_len)
+                     max_len=max_len, mico_order=True)
 
 
 def load_sst2_tfds(
@@ -275,4 +279,4 @@ def load_sst2_tfds(
   """
   sentences, labels = read_sst2_tfds(data_dir, download=download)
   return encode_text(sentences, labels, "sst2", vocab_size=vocab_size,
-                     max_len=max_len)
+                     max_len=max_len, mico_order=True)

@@ -62,7 +62,8 @@ def load_tabular(
   y = table[:, 0].astype(np.int32) - 1
   if num_classes is None:
     num_classes = int(y.max()) + 1
-  return Dataset(name, x, y, num_classes, "tabular")
+  # MICO's Purchase-100 pool is its file's records in order, as here.
+  return Dataset(name, x, y, num_classes, "tabular", mico_order=True)
 
 
 def load_purchase100(path: str | os.PathLike[str]) -> Dataset:
