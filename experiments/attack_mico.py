@@ -296,6 +296,7 @@ def run(log=print) -> dict:
       os.remove(os.path.join(workdir, name))
   log(f"loading {task.name}")
   dataset = task.load(_DATA_DIR.value)
+  data.require_mico_order(dataset)
   queries = stats.default_queries(dataset)
   outcomes = {s: attack_scenario(task, s, folder, dataset, queries, workdir,
                                  log) for s, folder in found.items()}

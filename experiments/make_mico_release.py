@@ -17,7 +17,8 @@ opacus are needed; both optional extras of mico_jax):
     Adam, StepLR(step, gamma), cross-entropy;
   - DP (`hi`, `lo`): opacus's `make_private` with Poisson sampling at
     q = 1 / len(loader), C from the task, σ calibrated by mico_jax's PLD
-    accountant (MICO: the PRV accountant; both to the target ε at δ = 1e-5),
+    accountant (MICO: the PRV accountant; both to the target ε at δ = 1e-5)
+    and opacus's ghost clipping (MICO: per-sample hooks; the same mechanism),
     so the state dict's keys carry `_module.`.
 Writes `<out>/<task>/<task>_<s>/{train,dev,final}/model_<i>/` as MICO did
 (train: three seeds, `solution.csv`, `model.pt`; dev/final: `seed_challenge`

@@ -100,20 +100,6 @@ def find_scenarios(mico_dir: str, task: str) -> dict[str, str]:
   return found
 
 
-def read_values(path: str) -> np.ndarray:
-  """Numbers of a MICO csv file: one comma-separated row or one per line."""
-  try:
-    with open(path) as f:
-      text = f.read()
-  except OSError as e:
-    raise MicoIOError(f"{path}: cannot read ({e.strerror})") from e
-  fields = [v for v in re.split(r"[,\s]+", text.strip()) if v]
-  try:
-    return np.array([float(v) for v in fields], np.float64)
-  except ValueError as e:
-    raise MicoIOError(f"{path}: not a list of numbers ({e})") from e
-
-
 def _read_seed(path: str) -> int:
   try:
     with open(path) as f:
@@ -189,7 +175,7 @@ def read_scenario(root: str, scenario: str, pool_size: int, len_training: int,
   for k, path in enumerate(solutions):
     if path is None:
       continue
-    values = read_values(path)
+    values = challenge_lib.read_values(path)
     if values.shape != (2 * len_challenge,) or not np.isin(values,
                                                            (0, 1)).all():
       raise MicoIOError(f"{path}: expected {2 * len_challenge} values 0 or 1")
@@ -399,46 +385,44 @@ def check_predictions(name: str, values: np.ndarray, length: int) -> None:
     raise MicoIOError(f"{name}: outside [0, 1]")
 
 
-def format_row(values: np.ndarray) -> str:
-  """MICO's csv: one comma-separated row, exact float64 round trip."""
-  return ",".join(repr(float(v)) for v in values) + "\n"
-
-
 def write_submission(zip_path: str, predictions: Mapping[str, np.ndarray],
-                     length: int, root: str | None = None) -> None:
-  """Writes MICO's submission zip (and, with `root`, the prediction files).
+                     length: int, root: str) -> None:
+  """Writes the prediction files under `root` and MICO's submission zip of them.
 
-  Everything is validated before anything is written; the zip appears only
-  complete (temporary file, then rename), and so does `root` (written in a
-  temporary folder that replaces it).
+  Everything is validated before anything is written; `root` appears only
+  complete (written in a temporary folder that replaces it) and so does the
+  zip (a temporary file, then renamed).
 
   Args:
     zip_path: the `.zip` to write.
     predictions: entry name (`entry_name`) -> values in [0, 1].
     length: predictions per model (2m).
-    root: optional folder receiving the same tree of `prediction.csv` files.
+    root: the folder receiving the tree of `prediction.csv` files.
   """
   for name, values in predictions.items():
     check_entry_name(name)
     check_predictions(name, values, length)
+  root = os.path.abspath(root)
+  os.makedirs(os.path.dirname(root), exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(root), prefix=".tmp_")
+  for name, values in predictions.items():
+    path = os.path.join(tmp, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    challenge_lib.write_values(path, np.asarray(values, np.float64))
 
   def write_zip(f):
     with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
       for name in sorted(predictions):
-        z.writestr(name, format_row(predictions[name]))
+        z.write(os.path.join(tmp, name), name)
 
-  atomic_write(zip_path, write_zip, binary=True)
-  if root:
-    root = os.path.abspath(root)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(root), prefix=".tmp_")
-    for name, values in predictions.items():
-      path = os.path.join(tmp, name)
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path, "w") as f:
-        f.write(format_row(values))
-    if os.path.exists(root):
-      shutil.rmtree(root)
-    os.replace(tmp, root)
+  try:
+    atomic_write(zip_path, write_zip, binary=True)
+  except BaseException:
+    shutil.rmtree(tmp)
+    raise
+  if os.path.exists(root):
+    shutil.rmtree(root)
+  os.replace(tmp, root)
 
 
 def read_submission(zip_path: str, length: int) -> dict[str, np.ndarray]:

@@ -2,7 +2,8 @@
 
 The release is made here by `experiments/torch_mico.py` (MICO's Purchase-100
 trainer re-created: torch's `random_split` seeds, unshuffled loader, Adam,
-StepLR) on the embedded digits, 8 models per scenario (4 train, 2 dev, 2
+StepLR) for the `location` task on a synthetic file in Location's format
+(2,700 records instead of 5,010), 8 models per scenario (4 train, 2 dev, 2
 final), 1 epoch. The `hi` and `lo` models are NOT trained with opacus: they
 are plain models whose keys carry Opacus's `_module.` prefix, which is all
 the importer sees of DP.
@@ -22,24 +23,31 @@ from sklearn import metrics
 torch = pytest.importorskip("torch")
 
 from experiments import attack_mico, torch_mico  # pylint: disable=g-import-not-at-top
-from mico_jax import challenge, data  # pylint: disable=g-import-not-at-top
+from mico_jax import challenge  # pylint: disable=g-import-not-at-top
 
-TASK, N, M, MODELS = "digits", 900, 100, 8
+TASK, POOL, N, M, MODELS = "location", 2_700, 2_500, 100, 8
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-  """`<root>/digits/digits_{inf,hi,lo}` and `<root>/solutions/digits/...`."""
+  """`<root>/location/location_{inf,hi,lo}`, `<root>/solutions/location/...`
+
+  and the pool in `<root>/data/location/bangkok`.
+  """
   root = tmp_path_factory.mktemp("release")
-  dataset = data.load_digits()
-  recipe = torch_mico.Recipe(epochs=1, batch_size=64, learning_rate=1e-2)
+  rng = np.random.default_rng(0)
+  x = (rng.random((POOL, 446)) < 0.3).astype(np.float32)
+  y = (x @ rng.normal(size=(446, 30))).argmax(1)
+  (root / "data" / "location").mkdir(parents=True)
+  np.savetxt(root / "data" / "location" / "bangkok", np.c_[y + 1, x],
+             fmt="%d", delimiter=",")
+  recipe = torch_mico.Recipe(epochs=1, learning_rate=1e-2)
   for s, scenario in enumerate(("inf", "hi", "lo")):
     for index, phase in enumerate(challenge.mico_phases(MODELS)):
       seeds = torch_mico.mico_seeds(7, index + 1000 * s)
-      _, member, train_idx, _ = torch_mico.mico_splits(len(dataset), N, M,
-                                                       seeds)
-      state = torch_mico.train_mlp(dataset.x, dataset.y, train_idx, 10, 128,
-                                   recipe, seed=index)
+      _, member, train_idx, _ = torch_mico.mico_splits(POOL, N, M, seeds)
+      state = torch_mico.train_mlp(x, y, train_idx, 30, 128, recipe,
+                                   seed=index)
       if scenario != "inf":
         state = {"_module." + k: v for k, v in state.items()}
       sub = os.path.join(f"{TASK}_{scenario}", phase, f"model_{index}")
@@ -70,14 +78,14 @@ def _mico_score(solutions, predictions):
 def test_end_to_end_predictions_zip_scores(release, tmp_path):
   workdir = tmp_path / "w"
   assert _attack(f"--mico_dir={release / TASK}", f"--workdir={workdir}",
+                 f"--data_dir={release / 'data'}",
                  f"--solutions_dir={release / 'solutions' / TASK}",
-                 "--fresh_shadows=4", "--shadows=both", "--epochs=1",
-                 "--attacks=loss,lira_online,lira_offline") is None
+                 "--fresh_shadows=0", "--attacks=loss,lira_online") is None
   scores = json.loads((workdir / "scores.json").read_text())
   assert set(scores) == {"inf", "hi", "lo"}
   for per_phase in scores.values():
     assert set(per_phase) == {"train", "dev", "final"}
-    assert set(per_phase["dev"]) == {"loss", "lira_online", "lira_offline"}
+    assert set(per_phase["dev"]) == {"loss", "lira_online"}
   with zipfile.ZipFile(workdir / "submission.zip") as z:
     names = sorted(z.namelist())
     z.extractall(tmp_path / "res")
@@ -103,9 +111,24 @@ def test_end_to_end_predictions_zip_scores(release, tmp_path):
       for key, value in _mico_score(solutions, predictions).items():
         assert ours[key] == pytest.approx(value, abs=1e-12), (scenario, phase,
                                                               key)
-  report = (workdir / "report.md").read_text()
-  assert "recipe check" in report.lower() and "eval accuracy" in report
   assert (workdir / "roc.png").stat().st_size > 1000
+
+
+def test_fresh_shadows_and_recipe_check(release, tmp_path):
+  workdir = tmp_path / "w"
+  assert _attack(f"--mico_dir={release / TASK}", f"--workdir={workdir}",
+                 f"--data_dir={release / 'data'}", "--scenario=inf",
+                 "--fresh_shadows=4", "--shadows=both", "--epochs=1",
+                 "--attacks=lira_online") is None
+  scores = json.loads((workdir / "scores.json").read_text())
+  assert set(scores) == {"inf"} and set(scores["inf"]) == {"train"}
+  report = (workdir / "report.md").read_text()
+  assert "shadows: 4 provided + 4 fresh" in report
+  for line in ("train accuracy: targets", "eval accuracy: targets",
+               "mean IN - OUT statistic: targets"):
+    assert line in report
+  with zipfile.ZipFile(workdir / "submission.zip") as z:
+    assert len(z.namelist()) == 4
 
 
 def _broken_release(release, tmp_path, relpath, damage):
@@ -136,7 +159,7 @@ class _Payload:
 
 def _wrong_shape(path):
   state = torch.load(path, weights_only=True)
-  state["mlp.0.weight"] = torch.zeros(128, 63)
+  state["mlp.0.weight"] = torch.zeros(128, 445)
   torch.save(state, path)
 
 
@@ -145,14 +168,14 @@ def _wrong_shape(path):
     ("train/model_1/seed_membership", os.remove, "missing seed file"),
     ("final/model_7/model.pt", _truncate, "not a readable PyTorch file"),
     ("train/model_0/model.pt", _pickle_payload, "refused"),
-    ("dev/model_5/model.pt", _wrong_shape, "mlp.0.weight has shape (128, 63)"),
+    ("dev/model_5/model.pt", _wrong_shape, "mlp.0.weight has shape (128, 445)"),
 ])
 def test_bad_release_one_line_nothing_written(release, tmp_path, relpath,
                                               damage, message):
   root, path = _broken_release(release, tmp_path, relpath, damage)
   workdir = tmp_path / "w"
   error = _attack(f"--mico_dir={root}", f"--workdir={workdir}",
-                  "--fresh_shadows=0")
+                  f"--data_dir={release / 'data'}", "--fresh_shadows=0")
   assert error is not None and "\n" not in error
   assert error.startswith(f"error: {path}: ") and message in error, error
   assert not (path.parent / "executed").exists()

@@ -189,5 +189,6 @@ def test_submission_round_trip_and_unsafe_entries(tmp_path):
     mico_io.read_submission(str(evil), 2)
   with pytest.raises(mico_io.MicoIOError, match="unsafe"):
     mico_io.write_submission(str(tmp_path / "x.zip"),
-                             {"/abs/prediction.csv": values}, 2)
-  assert not (tmp_path / "x.zip").exists()
+                             {"/abs/prediction.csv": values}, 2,
+                             str(tmp_path / "x"))
+  assert not (tmp_path / "x.zip").exists() and not (tmp_path / "x").exists()
