@@ -74,20 +74,29 @@ def _check(name: str, value, ok: Callable[[float], bool], want: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DPConfig:
-  """The privacy of a DP-SGD recipe: target (ε, δ) and clipping norm C.
+  """The privacy of a DP-SGD recipe: target (ε, δ), clipping norm C, rate rule.
 
-  MICO: ε = 10 (`hi`) or 4 (`lo`), δ = 1e-5, C = 2.6.
+  MICO: ε = 10 (`hi`) or 4 (`lo`), δ = 1e-5, C = 2.6 (0.1 for SST-2).
+  `sample_rate_rule` says how the Poisson rate q follows from n and the batch
+  size B; both rules take ceil(n / B) steps per epoch:
+    "steps": q = 1 / ceil(n / B), Opacus's `1 / len(train_loader)` in MICO's
+      `train_cifar10.py` and `train_purchase100.py`;
+    "batch": q = B / n, as MICO's `train_sst2.py` (`sampling_probability`).
   """
 
   epsilon: float
   delta: float = 1e-5
   clip_norm: float = 2.6
+  sample_rate_rule: str = "steps"
 
   def __post_init__(self):
     try:
       accounting.validate_dp(self.epsilon, self.delta, self.clip_norm)
     except ValueError as e:
       raise DPError(str(e)) from None
+    if self.sample_rate_rule not in ("steps", "batch"):
+      raise DPError(f"sample_rate_rule must be 'steps' or 'batch', got"
+                    f" {self.sample_rate_rule!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +105,7 @@ class Mechanism:
 
   Attributes:
     dataset_size: n, each model's training points.
-    sample_rate: q = 1 / steps per epoch (MICO's choice, not batch / n).
+    sample_rate: q, by the config's `sample_rate_rule`.
     steps: DP-SGD steps the recipe takes.
     capacity: padded batch size.
     clip_norm: C.
@@ -129,9 +138,10 @@ def calibrate(config: DPConfig, dataset_size: int, batch_size: int,
               epochs: int) -> Mechanism:
   """Sample rate, steps, capacity and σ for a recipe, as MICO sets them.
 
-  MICO (Opacus): q = 1 / ceil(n / batch_size), steps = epochs / q, and the
-  expected batch size q·n. σ comes from the PLD accountant; cached, since it
-  takes seconds at MICO's sizes.
+  MICO: q by `config.sample_rate_rule` (1 / ceil(n / batch_size) or
+  batch_size / n), steps = epochs · ceil(n / batch_size), and the expected
+  batch size q·n. σ comes from the PLD accountant; cached, since it takes
+  seconds at MICO's sizes.
 
   Args:
     config: target ε, δ and C.
@@ -143,7 +153,8 @@ def calibrate(config: DPConfig, dataset_size: int, batch_size: int,
     DPError: if no σ reaches the target.
   """
   steps_per_epoch = math.ceil(dataset_size / batch_size)
-  sample_rate = 1 / steps_per_epoch
+  sample_rate = (1 / steps_per_epoch if config.sample_rate_rule == "steps"
+                 else min(batch_size / dataset_size, 1.0))
   steps = epochs * steps_per_epoch
   eps, delta = config.epsilon, config.delta
   try:
@@ -181,11 +192,13 @@ class PoissonSampler:
     num_points: n, the length of the training list.
     sample_rate: q, in (0, 1].
     capacity: padded batch size; beyond it the lowest positions are kept.
+    epoch_steps: steps per epoch (the recipe's ceil(n / B)); 0: round(1 / q).
   """
 
   num_points: int
   sample_rate: float
   capacity: int
+  epoch_steps: int = 0
 
   def __post_init__(self):
     _check("sample_rate", self.sample_rate, lambda v: 0 < v <= 1, "in (0, 1]")
@@ -194,8 +207,8 @@ class PoissonSampler:
 
   @property
   def steps_per_epoch(self) -> int:
-    """Steps in which each point is sampled once on average."""
-    return max(1, round(1 / self.sample_rate))
+    """Steps in which each point is sampled once on average (or as given)."""
+    return self.epoch_steps or max(1, round(1 / self.sample_rate))
 
   def init(self, key: jax.Array) -> tuple[()]:
     del key

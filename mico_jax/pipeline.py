@@ -47,19 +47,21 @@ class ScenarioResult:
 @functools.cache
 def make_trainer(model, config: train.TrainConfig, len_training: int,
                  unroll: bool = False) -> train.Trainer:
-  """The trainer for one recipe: shuffled epochs, or DP-SGD if `config.dp`.
+  """The trainer for one recipe: epochs (shuffled or in order), or DP-SGD.
 
   Cached: an equal trainer is the same jit key, so waves compile once.
   `unroll`: see `train.Trainer`.
   """
   if config.dp is None:
-    sampler = train.EpochShuffle(len_training, config.batch_size)
+    order = train.EpochShuffle if config.shuffle else train.Sequential
+    sampler = order(len_training, config.batch_size)
     gradient_fn = train.mean_gradient
   else:
     mechanism = dp.calibrate(config.dp, len_training, config.batch_size,
                              config.epochs)
     sampler = dp.PoissonSampler(len_training, mechanism.sample_rate,
-                                mechanism.capacity)
+                                mechanism.capacity,
+                                mechanism.steps // config.epochs)
     gradient_fn = dp.DPGradient(mechanism.clip_norm,
                                 mechanism.noise_multiplier,
                                 mechanism.expected_batch_size)

@@ -2,6 +2,18 @@
 
 Scenarios follow MICO: `inf` (no DP), `hi` (epsilon = 10), `lo` (epsilon = 4).
 
+Recipes cite the MICO script they follow (microsoft/MICO at commit 6ec0eaf,
+`training/`): the `.sh` file gives the hyperparameters, the `.py` file the
+loop. Two facts of those loops matter for membership: without DP,
+`train_cifar10.py` and `train_purchase100.py` iterate
+`DataLoader(challenge_dataset.get_train_dataset(), batch_size=...)` (in
+`main`) without shuffling, members first every epoch (`shuffle=False` here);
+with DP, Opacus samples Poisson batches at `args.sample_rate = 1 /
+len(train_loader)` (`sample_rate_rule="steps"`), while `train_sst2.py` uses
+`sampling_probability = train_batch_size * gradient_accumulation_steps /
+len(ds["train"])` (`"batch"`). A deliberate difference from MICO is a field
+of the recipe and a comment beside it.
+
 Each MICO task comes twice: at MICO's scale (`cifar10`, `sst2`, `purchase100`;
 meant for accelerators) and as a `_cpu` variant that runs on 2 CPU cores in
 minutes. Each task's comment says what differs from MICO. Location, not part
@@ -33,7 +45,8 @@ MICO_DELTA = 1e-5
 
 
 def mico_scenarios(inf: TrainConfig, dp_base: TrainConfig,
-                   clip_norm: float = 2.6, delta: float = MICO_DELTA
+                   clip_norm: float = 2.6, delta: float = MICO_DELTA,
+                   sample_rate_rule: str = "steps"
                    ) -> dict[str, TrainConfig]:
   """MICO's three scenarios: `inf` as given, `hi` and `lo` as DP-SGD.
 
@@ -42,25 +55,33 @@ def mico_scenarios(inf: TrainConfig, dp_base: TrainConfig,
     dp_base: the DP recipe without privacy (batch size = expected batch).
     clip_norm: C.
     delta: δ.
+    sample_rate_rule: see `DPConfig`.
   """
   return {"inf": inf, **{
-      name: dataclasses.replace(dp_base, dp=DPConfig(eps, delta, clip_norm))
+      name: dataclasses.replace(
+          dp_base, dp=DPConfig(eps, delta, clip_norm, sample_rate_rule))
       for name, eps in MICO_EPSILONS.items()}}
 
 
-# MICO's recipes (its training/*.sh), as data for the tasks that use them.
-# PyTorch's StepLR with step 1 is `decay_every=1`.
+# MICO's recipes, as data for the tasks that use them. PyTorch's StepLR with
+# step 1 is `decay_every=1`.
 MICO_RECIPES: dict[str, dict[str, TrainConfig]] = {
-    # Purchase-100 MLP 600-128-100: Adam 1e-3, gamma 0.9 every 5 epochs.
+    # Purchase-100 MLP 600-128-100: train_purchase100_{inf,hi,lo}.sh: Adam
+    # (`optim.Adam(model.parameters(), lr=args.learning_rate)`) lr 0.001,
+    # StepLR gamma 0.9 step 5, batch 512, 30 epochs, C = 2.6 with DP; no
+    # shuffling without DP (`DataLoader(train_dataset, batch_size=...)`).
     "purchase100": mico_scenarios(
         inf=TrainConfig("adam", 1e-3, batch_size=512, epochs=30,
-                        decay_every=5, decay_rate=0.9),
+                        decay_every=5, decay_rate=0.9, shuffle=False),
         dp_base=TrainConfig("adam", 1e-3, batch_size=512, epochs=30,
                             decay_every=5, decay_rate=0.9)),
-    # CIFAR-10 CNN: SGD; non-DP batch 32 lr 0.005, DP batch 512 lr 0.5.
+    # CIFAR-10 CNN: train_cifar10_{inf,hi,lo}.sh with train_cifar10.py's
+    # `optim.SGD(..., momentum=0)`: non-DP batch 32 lr 0.005, DP batch 512
+    # lr 0.5 and C = 2.6; StepLR gamma 0.96 (default step 1), 50 epochs; no
+    # shuffling without DP.
     "cifar10": mico_scenarios(
         inf=TrainConfig("sgd", 0.005, batch_size=32, epochs=50,
-                        decay_every=1, decay_rate=0.96),
+                        decay_every=1, decay_rate=0.96, shuffle=False),
         dp_base=TrainConfig("sgd", 0.5, batch_size=512, epochs=50,
                             decay_every=1, decay_rate=0.96)),
 }
@@ -193,7 +214,8 @@ CIFAR10 = Task(
     scenarios=MICO_RECIPES["cifar10"],
 )
 
-# CIFAR-10 on 2 CPU cores. Differs from MICO's: a seeded pool of 2,000 of the
+# CIFAR-10 on 2 CPU cores, in MICO's batch order (no shuffling without DP).
+# Differs from MICO's: a seeded pool of 2,000 of the
 # 60,000 images with n = 1,000 (each point IN for ~50% of models, not ~83%);
 # the CNN's channels 16-32-32 instead of 128-256-256 (~1/45 of the FLOPs);
 # SGD with momentum 0.9 and lr 0.01 for 30 epochs (MICO's plain lr 0.005
@@ -211,7 +233,7 @@ CIFAR10_CPU = Task(
     scenarios=mico_scenarios(
         inf=TrainConfig(optimizer="sgd", learning_rate=0.01, momentum=0.9,
                         batch_size=32, epochs=30, decay_every=1,
-                        decay_rate=0.96),
+                        decay_rate=0.96, shuffle=False),
         dp_base=TrainConfig(optimizer="sgd", learning_rate=0.5, batch_size=128,
                             epochs=20, decay_every=1, decay_rate=0.96)),
     default_models=32,
@@ -220,8 +242,13 @@ CIFAR10_CPU = Task(
 )
 
 # MICO's SST-2 track: train + validation pooled, n = 67,349 (a point is IN for
-# ~99% of models), 3 epochs at a constant lr, as MICO's: batch 96 without DP;
-# expected batch 1,024 and C = 0.1 with DP. Differs: MICO fine-tunes
+# ~99% of models), 3 epochs at a constant lr, as MICO's train_sst2_*.sh:
+# batch 96 without DP (HF `Trainer`, which shuffles: `shuffle=True`); with DP
+# (train_sst2_{hi,lo}.sh: per-device batch 16 x 64 accumulation steps)
+# expected batch 1,024, C = 0.1 and q = B / n (`sample_rate_rule="batch"`,
+# train_sst2.py's `sampling_probability`), Poisson-sampled here (MICO's
+# batches come from the HF Trainer's loader; not checked to be Poisson).
+# Differs: MICO fine-tunes
 # pretrained RoBERTa-base (lr 5e-5, 5e-4 with DP; BPE, 67 tokens); we cannot
 # fetch its weights, so a `BagOfEmbeddings` classifier over a word-level
 # vocabulary of 10,000 (64 tokens) is trained from scratch, with Adam at lr
@@ -239,14 +266,14 @@ SST2 = Task(
                         epochs=3),
         dp_base=TrainConfig(optimizer="adam", learning_rate=1e-3,
                             batch_size=1024, epochs=3),
-        clip_norm=0.1),
+        clip_norm=0.1, sample_rate_rule="batch"),
 )
 
 # SST-2 on 2 CPU cores. Differs from `sst2`: a seeded pool of 4,000 of the
 # 68,221 sentences with n = 2,000 (each point IN for ~50% of models, not ~99%:
 # with 99% there are almost no OUT shadows), batch 32 and 20 epochs so the
-# small model can memorise; 64 models. With DP: expected batch 128 (q = 1/16)
-# for 10 epochs, Adam lr 1e-3, MICO's C = 0.1.
+# small model can memorise; 64 models. With DP: expected batch 128 (MICO's
+# rule q = B / n = 0.064) for 10 epochs, Adam lr 1e-3, MICO's C = 0.1.
 SST2_CPU = Task(
     name="sst2_cpu",
     load=functools.partial(load_sst2, pool_size=4_000),
@@ -260,13 +287,13 @@ SST2_CPU = Task(
                         epochs=20),
         dp_base=TrainConfig(optimizer="adam", learning_rate=1e-3,
                             batch_size=128, epochs=10),
-        clip_norm=0.1),
+        clip_norm=0.1, sample_rate_rule="batch"),
     default_models=64,
 )
 
 # MICO's Purchase-100 track: N = 197,324, n = 150,000; MLP 600-128-100 (tanh),
 # Adam lr 1e-3 decayed x0.9 every 5 epochs, batch 512, 30 epochs, with and
-# without DP (C = 2.6).
+# without DP (C = 2.6); MICO_RECIPES["purchase100"] cites the scripts.
 PURCHASE100 = Task(
     name="purchase100",
     load=load_purchase100,

@@ -32,8 +32,11 @@ class TrainConfig:
 
   The learning rate decays by `decay_rate` every `decay_every` epochs
   (PyTorch's StepLR; `decay_every=1` is ExponentialLR); 0 keeps it constant.
-  With `dp` set, training is DP-SGD: Poisson batches of expected size
-  `batch_size` (see `mico_jax.dp`).
+  Without DP, batches are `batch_size` consecutive points of a fresh
+  permutation each epoch (`shuffle`, `EpochShuffle`) or of the training list
+  in its own order (`Sequential`: MICO's non-DP `DataLoader` without shuffle,
+  members first). With `dp` set, training is DP-SGD: Poisson batches of
+  expected size `batch_size` (see `mico_jax.dp`); `shuffle` is then unused.
   """
 
   optimizer: str = "adam"
@@ -44,6 +47,7 @@ class TrainConfig:
   decay_every: int = 0
   decay_rate: float = 1.0
   dp: DPConfig | None = None
+  shuffle: bool = True
 
   def __post_init__(self):
     if self.optimizer not in ("adam", "sgd"):
@@ -107,6 +111,34 @@ class EpochShuffle:
     batch = jax.lax.dynamic_slice(state, (position * self.batch_size,),
                                   (self.batch_size,))
     return state, jnp.maximum(batch, 0), batch >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+  """The training list in its own order every epoch, cut into batches.
+
+  PyTorch's `DataLoader(dataset, batch_size)` without shuffling and with
+  `drop_last=False`: the last batch of each epoch is short (masked). MICO's
+  non-DP training iterates `ConcatDataset([member, training])` this way, so
+  the members come first in every epoch.
+  """
+
+  num_points: int
+  batch_size: int
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return math.ceil(self.num_points / self.batch_size)
+
+  def init(self, key: jax.Array) -> tuple[()]:
+    del key  # deterministic
+    return ()
+
+  def sample(self, state, key, step):
+    del key
+    position = step % self.steps_per_epoch
+    batch = position * self.batch_size + jnp.arange(self.batch_size)
+    return state, jnp.minimum(batch, self.num_points - 1), batch < self.num_points
 
 
 class TrainState(NamedTuple):

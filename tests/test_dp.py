@@ -184,6 +184,29 @@ def test_calibration_hits_target_epsilon_and_bounds_overflow():
   assert mech.epsilon(40) < 0.7 * spent
 
 
+def test_sample_rate_rules_follow_mico_scripts():
+  # train_cifar10.py / train_purchase100.py: q = 1 / len(train_loader);
+  # train_sst2.py: q = B / n. Both take ceil(n / B) steps an epoch.
+  steps_rule = dp.calibrate(dp.DPConfig(10.0), 150_000, 512, 2)
+  assert steps_rule.sample_rate == 1 / 293 and steps_rule.steps == 2 * 293
+  batch_rule = dp.calibrate(dp.DPConfig(10.0, sample_rate_rule="batch"),
+                            67_349, 1024, 3)
+  assert batch_rule.sample_rate == 1024 / 67_349
+  assert batch_rule.steps == 3 * 66  # train_sst2.py: ceil(1 / q) * epochs
+  with pytest.raises(dp.DPError, match="sample_rate_rule"):
+    dp.DPConfig(4.0, sample_rate_rule="opacus")
+
+
+def test_poisson_trainer_takes_the_recipes_steps_per_epoch():
+  # q = B / n = 128 / 1950: round(1 / q) = round(15.23) would take 15 steps
+  # an epoch; MICO's scripts take ceil(n / B) = 16.
+  config = train.TrainConfig("adam", 1e-3, batch_size=128, epochs=2,
+                             dp=dp.DPConfig(4.0, 1e-5, 0.1, "batch"))
+  trainer = pipeline.make_trainer(models.MLP(3, (4,)), config, 1950)
+  assert trainer.sampler.sample_rate == 128 / 1950
+  assert trainer.sampler.steps_per_epoch == 16
+
+
 def test_dp_training_together_equals_each_model_alone():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(300, 12)).astype(np.float32)

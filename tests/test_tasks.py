@@ -40,6 +40,19 @@ def test_task_builds_and_its_sizes_fit_its_pool(name):
   assert task.default_models >= 2
 
 
+@pytest.mark.parametrize("name", sorted(tasks.TASKS))
+def test_mico_tasks_follow_micos_batch_order_and_rate_rule(name):
+  """MICO's non-DP CIFAR-10/Purchase-100 loops do not shuffle (members first);
+  SST-2's HF Trainer does; SST-2's DP rate is B / n, the others' 1 / steps."""
+  scenarios = tasks.TASKS[name].scenarios
+  family = name.split("_")[0]
+  if family != "digits":  # not a MICO task
+    assert scenarios["inf"].shuffle == (family == "sst2")
+  for scenario in ("hi", "lo"):
+    assert scenarios[scenario].dp.sample_rate_rule == (
+        "batch" if family == "sst2" else "steps")
+
+
 def test_cnn_channels_set_every_layers_width():
   x = jnp.zeros((1, 32, 32, 3))
   count = lambda model: sum(

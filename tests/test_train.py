@@ -80,6 +80,37 @@ def test_epoch_shuffle_visits_every_point_once_per_epoch():
   assert seen[0] != seen[1]  # a new order each epoch
 
 
+def test_sequential_batches_are_the_list_in_order_with_a_short_last_batch():
+  # PyTorch's DataLoader(range(10), batch_size=4): [0-3], [4-7], [8, 9].
+  sampler = train.Sequential(num_points=10, batch_size=4)
+  assert sampler.steps_per_epoch == 3
+  key = jax.random.PRNGKey(0)
+  state = sampler.init(key)
+  batches = []
+  for step in range(6):
+    state, positions, mask = sampler.sample(state, key, jnp.asarray(step))
+    batches.append(np.asarray(positions)[np.asarray(mask)].tolist())
+  assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] * 2
+  assert np.asarray(positions).max() < 10  # padding stays in range
+
+
+def test_unshuffled_recipe_trains_members_first_every_epoch(setup):
+  # Through make_trainer, as MICO's non-DP recipes train: the first batch
+  # of an epoch is the list's first points (the members), in every epoch.
+  config = train.TrainConfig(learning_rate=0.01, batch_size=32, epochs=2,
+                             shuffle=False)
+  trainer = pipeline.make_trainer(models.MLP(3, (16,)), config, n)
+  assert isinstance(trainer.sampler, train.Sequential)
+  steps = trainer.sampler.steps_per_epoch
+  for step in (0, steps):
+    _, positions, mask = trainer.sampler.sample((), None, jnp.asarray(step))
+    np.testing.assert_array_equal(positions, np.arange(32))
+    assert np.asarray(mask).all()
+  _, chal = setup
+  members = chal.challenge_KxC[0][chal.member_KxC[0]]
+  assert set(chal.train_KxT[0][:m]) == set(members)
+
+
 def test_step_decay_matches_pytorch_steplr():
   config = train.TrainConfig(optimizer="sgd", learning_rate=1.0, epochs=20,
                              decay_every=5, decay_rate=0.9)
