@@ -23,7 +23,7 @@ from sklearn import metrics
 torch = pytest.importorskip("torch")
 
 from experiments import attack_mico, torch_mico  # pylint: disable=g-import-not-at-top
-from mico_jax import challenge  # pylint: disable=g-import-not-at-top
+from mico_jax import challenge, score_codalab  # pylint: disable=g-import-not-at-top
 
 TASK, POOL, N, M, MODELS = "location", 2_700, 2_500, 100, 8
 
@@ -111,6 +111,21 @@ def test_end_to_end_predictions_zip_scores(release, tmp_path):
       for key, value in _mico_score(solutions, predictions).items():
         assert ours[key] == pytest.approx(value, abs=1e-12), (scenario, phase,
                                                               key)
+  # CodaLab's scorer on the zip, one phase at a time as CodaLab runs it.
+  for phase in ("dev", "final"):
+    codalab = tmp_path / f"codalab_{phase}"
+    shutil.copytree(tmp_path / "res", codalab / "res")
+    for scenario in ("inf", "hi", "lo"):
+      sub = f"{TASK}/{TASK}_{scenario}/{phase}"
+      shutil.copytree(release / "solutions" / sub, codalab / "ref" / sub)
+    assert score_codalab.main([str(codalab), str(codalab / "out")]) == 0
+    lines = dict(line.split(": ") for line in
+                 (codalab / "out" / "scores.txt").read_text().splitlines())
+    for j, scenario in enumerate(sorted(("hi", "inf", "lo")), start=1):
+      ours = scores[scenario][phase]["lira_online"]
+      for key in ("TPR_FPR_1000", "TPR_FPR_100", "AUC", "MIA"):
+        assert float(lines[f"scenario{j}_{key}"]) == pytest.approx(
+            ours[key], abs=1e-12)
   assert (workdir / "roc.png").stat().st_size > 1000
 
 
