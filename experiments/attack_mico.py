@@ -1,4 +1,4 @@
-r"""Attack a MICO release: its models, fresh shadows to its recipe, a submission.
+r"""Attack a MICO release: its models, fresh shadows to its recipe, a zip.
 
   python -m experiments.attack_mico --task=purchase100 \
       --mico_dir=DIR --data_dir=DATA --workdir=W [--fresh_shadows=256]
@@ -245,9 +245,10 @@ def write_report(path, task, outcomes, seconds):
            f"Command: `python -m experiments.attack_mico "
            f"{' '.join(sys.argv[1:])}` ({seconds:.0f} s)", ""]
   for scenario, out in outcomes.items():
+    counts = ", ".join(f"{p}: {out.release.phases.count(p)}"
+                       for p in challenge.PHASES)
     lines += [f"## {out.release.name}", "",
-              f"{out.release.challenge.num_models} targets"
-              f" ({', '.join(f'{p}: {out.release.phases.count(p)}' for p in challenge.PHASES)});"
+              f"{out.release.challenge.num_models} targets ({counts});"
               f" shadows: {out.shadows}.", ""]
     if out.check:
       lines += ["Recipe check:", ""] + [f"- {line}" for line, _ in out.check]

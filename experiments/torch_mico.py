@@ -40,16 +40,16 @@ def mico_splits(pool_size: int, len_training: int, len_challenge: int,
                 seeds: list[int]):
   """(challenge, member flags, training list, evaluation) by torch itself."""
   import torch  # pylint: disable=g-import-not-at-top
-  from torch.utils.data import random_split  # pylint: disable=g-import-not-at-top
+  from torch.utils import data  # pylint: disable=g-import-not-at-top
   seed_challenge, seed_training, seed_membership = seeds
   m, n = len_challenge, len_training
-  chal, rest = random_split(
+  chal, rest = data.random_split(
       range(pool_size), [2 * m, pool_size - 2 * m],
       generator=torch.Generator().manual_seed(seed_challenge))
-  training, evaluation = random_split(
+  training, evaluation = data.random_split(
       rest, [n - m, pool_size - n - m],
       generator=torch.Generator().manual_seed(seed_training))
-  _, member = random_split(
+  _, member = data.random_split(
       chal, [m, m], generator=torch.Generator().manual_seed(seed_membership))
   challenge_idx = np.array(list(chal))
   member_idx = np.array(list(member))
@@ -64,7 +64,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
   """One model as MICO's script trains it; returns its `state_dict`."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
-  from torch.utils.data import DataLoader, TensorDataset  # pylint: disable=g-import-not-at-top
+  from torch.utils import data  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   x = x.reshape(len(x), -1)
 
@@ -79,9 +79,9 @@ def train_mlp(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
       return self.mlp(inputs)
 
   model = MLP()
-  data = TensorDataset(torch.from_numpy(x[train_idx]),
-                       torch.from_numpy(y[train_idx]).long())
-  loader = DataLoader(data, batch_size=recipe.batch_size)  # no shuffle
+  pairs = data.TensorDataset(torch.from_numpy(x[train_idx]),
+                            torch.from_numpy(y[train_idx]).long())
+  loader = data.DataLoader(pairs, batch_size=recipe.batch_size)  # in order
   optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
   criterion = nn.CrossEntropyLoss()
   if recipe.noise_multiplier is not None:

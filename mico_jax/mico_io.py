@@ -1,4 +1,4 @@
-"""The real MICO release in and out: model folders, PyTorch weights, submissions.
+"""The real MICO release in and out: model folders, weights, submissions.
 
 A MICO task folder holds one folder per scenario, `<task>_<scenario>/` with
 scenario `inf`, `hi`, `lo` (or `ddp`, the DP-distinguisher track), each with

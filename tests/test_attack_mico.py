@@ -1,4 +1,4 @@
-"""attack_mico end to end on a MICO-layout release trained by PyTorch; bad input.
+"""attack_mico end to end on a MICO-layout release made by PyTorch; bad input.
 
 The release is made here by `experiments/torch_mico.py` (MICO's Purchase-100
 trainer re-created: torch's `random_split` seeds, unshuffled loader, Adam,
@@ -22,8 +22,9 @@ from sklearn import metrics
 
 torch = pytest.importorskip("torch")
 
-from experiments import attack_mico, torch_mico  # pylint: disable=g-import-not-at-top
-from mico_jax import challenge, score_codalab  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from experiments import attack_mico, torch_mico
+from mico_jax import challenge, score_codalab
 
 TASK, POOL, N, M, MODELS = "location", 2_700, 2_500, 100, 8
 
