@@ -213,11 +213,11 @@ class Execution:
   unroll: bool = False
 
 
-def _train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
-                       challenge: challenge_lib.Challenge,
-                       queries: Sequence[stats.Query], execution: Execution,
-                       name: str, log: Log | None,
-                       training_seed: int | None):
+def train_and_observe(model, config: train.TrainConfig, dataset: Dataset,
+                      challenge: challenge_lib.Challenge,
+                      queries: Sequence[stats.Query], execution: Execution,
+                      name: str, log: Log | None,
+                      training_seed: int | None = None):
   """One wave: saved results if any, else (resumed) training and statistics."""
   description = describe_training(model, config, dataset, challenge,
                                   training_seed)
@@ -307,7 +307,7 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
     models = np.arange(first, min(first + wave, num_models))
     if log and wave < num_models:
       log(f"wave of models {models[0]}-{models[-1]} of {num_models}")
-    parts.append(_train_and_observe(
+    parts.append(train_and_observe(
         model, config, dataset, challenge.select(models), queries, execution,
         f"models_{models[0]}-{models[-1]}", log, training_seed))
   params, observed = jax.tree.map(lambda *a: np.concatenate(a), *parts)
