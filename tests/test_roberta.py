@@ -1,0 +1,131 @@
+"""The flax RoBERTa equals Hugging Face's; folders, caches and tokenizers load
+offline."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mico_jax import pretrained, roberta
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_roberta")
+
+
+def _logits(config, params, tokens, dtype=jnp.float32):
+  model = roberta.RobertaClassifier(config, dtype=dtype)
+  return np.asarray(jax.jit(model.apply)(params, jnp.asarray(tokens)))
+
+
+def test_safetensors_fixture_matches_pytorch_logits_without_torch(
+    monkeypatch):
+  # The fixture's logits came from PyTorch (tests/fixtures/
+  # make_tiny_roberta.py); reading safetensors must not need torch.
+  monkeypatch.setitem(sys.modules, "torch", None)
+  config, params = pretrained.load_roberta_folder(FIXTURE)
+  with open(os.path.join(FIXTURE, "expected.json")) as f:
+    expected = json.load(f)
+  np.testing.assert_allclose(_logits(config, params, expected["tokens"]),
+                             expected["logits"], atol=1e-4, rtol=0)
+  # bfloat16 compute, float32 parameters: close, not equal.
+  np.testing.assert_allclose(
+      _logits(config, params, expected["tokens"], jnp.bfloat16),
+      expected["logits"], atol=0.1)
+
+
+def test_random_transformers_model_matches_from_both_file_formats(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(1)
+  config = transformers.RobertaConfig(
+      vocab_size=50, hidden_size=16, num_hidden_layers=2,
+      num_attention_heads=4, intermediate_size=24, max_position_embeddings=16,
+      num_labels=3)
+  model = transformers.RobertaForSequenceClassification(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0.0, 0.5)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 50, (4, 10))
+  tokens[:, 0] = 0
+  for row, length in enumerate([10, 7, 3, 5]):
+    tokens[row, length - 1] = 2
+    tokens[row, length:] = 1
+  ids = torch.tensor(tokens)
+  with torch.no_grad():
+    expected = model(ids, attention_mask=(ids != 1).long()).logits.numpy()
+
+  model.save_pretrained(tmp_path / "st")  # model.safetensors
+  (tmp_path / "bin").mkdir()
+  config.save_pretrained(tmp_path / "bin")
+  torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+  cache = tmp_path / "cache"
+  for folder in ("st", "bin"):
+    ours_config, params = pretrained.load_roberta_folder(
+        str(tmp_path / folder), cache_dir=str(cache))
+    assert ours_config.num_labels == 3
+    np.testing.assert_allclose(_logits(ours_config, params, tokens), expected,
+                               atol=1e-4, rtol=0)
+  # The converted bin is cached: a second load needs no torch.
+  assert len(os.listdir(cache)) == 1
+  sys.modules["torch"], saved = None, sys.modules["torch"]
+  try:
+    _, again = pretrained.load_roberta_folder(str(tmp_path / "bin"),
+                                              cache_dir=str(cache))
+  finally:
+    sys.modules["torch"] = saved
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
+def test_missing_files_are_named(tmp_path):
+  with pytest.raises(pretrained.FolderError, match="config.json"):
+    pretrained.load_roberta_folder(str(tmp_path))
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(pretrained.FolderError,
+                     match="model.safetensors or pytorch_model.bin"):
+    pretrained.load_roberta_folder(str(tmp_path))
+  with pytest.raises(pretrained.FolderError, match="vocab.json"):
+    pretrained.load_tokenizer(str(tmp_path), 8)
+
+
+def test_pretrained_init_keeps_weights_and_draws_a_head_per_model(tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  state = load_file(os.path.join(FIXTURE, "model.safetensors"))
+  # roberta-base has no classification head: each model draws its own.
+  save_file({k: v for k, v in state.items() if not k.startswith("classifier")},
+            str(tmp_path / "model.safetensors"))
+  with open(os.path.join(FIXTURE, "config.json")) as f:
+    (tmp_path / "config.json").write_text(f.read())
+  model = pretrained.pretrained_classifier(str(tmp_path), 2)
+  params = jax.jit(jax.vmap(lambda k: model.init(k, jnp.zeros((1, 4),
+                                                               jnp.int32))))(
+      jax.random.split(jax.random.key(0), 2))["params"]
+  word = params["roberta"]["embeddings"]["word_embeddings"]["embedding"]
+  np.testing.assert_array_equal(
+      word, np.stack([state["roberta.embeddings.word_embeddings.weight"]] * 2))
+  head = np.asarray(params["classifier"]["out_proj"]["kernel"])
+  assert not np.allclose(head[0], head[1])
+
+
+def test_tokenizer_matches_transformers(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  merges = [("Ġ", "g"), ("o", "o"), ("Ġg", "oo"), ("Ġgoo", "d"), ("'", "t"),
+            ("n", "'t")]
+  vocab = ["<s>", "<pad>", "</s>", "<unk>"] + alphabet + [a + b
+                                                           for a, b in merges]
+  (tmp_path / "vocab.json").write_text(
+      json.dumps({t: i for i, t in enumerate(vocab)}))
+  (tmp_path / "merges.txt").write_text(
+      "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  sentences = ["a good film", "is n't good , really", "", "good " * 20]
+  ids, truncated = pretrained.tokenize(str(tmp_path), sentences, 12)
+  assert ids.shape == (4, 12) and truncated == 2  # the last two
+  reference = transformers.RobertaTokenizer(
+      str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))(
+          sentences, padding="max_length", truncation=True, max_length=12)
+  np.testing.assert_array_equal(ids, reference["input_ids"])
