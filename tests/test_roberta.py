@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +130,37 @@ def test_tokenizer_matches_transformers(tmp_path):
       str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))(
           sentences, padding="max_length", truncation=True, max_length=12)
   np.testing.assert_array_equal(ids, reference["input_ids"])
+
+
+def test_ghost_clipping_of_the_transformer_equals_naive():
+  from mico_jax import dp  # pylint: disable=g-import-not-at-top
+  config = roberta.RobertaConfig(
+      vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=12, max_position_embeddings=12)
+  model = roberta.RobertaClassifier(config)
+  # Repeated tokens within a sentence and padding (id 1) of several lengths.
+  x = jnp.array([[0, 5, 5, 7, 5, 2, 1, 1], [0, 9, 10, 11, 12, 13, 14, 2],
+                 [0, 4, 2, 1, 1, 1, 1, 1], [0, 8, 8, 8, 8, 8, 8, 2],
+                 [0, 3, 6, 2, 1, 1, 1, 1]])
+  y = jnp.array([0, 1, 1, 0, 1])
+  mask = jnp.array([True, True, True, True, False])
+  params = model.init(jax.random.key(0), x)
+  # Every parameter is in a covered layer: no vmap(grad) fallback.
+  calls = []
+  jax.eval_shape(lambda p: dp._tapped_apply(model.apply, p, x, None, calls),
+                 params)
+  assert all(c.supported for c in calls)
+  layers = {path[:-1] for path in traverse_util.flatten_dict(params["params"])}
+  # 4 in the embeddings, 8 per transformer layer, 2 in the head.
+  assert {c.path for c in calls} == layers and len(layers) == 4 + 8 * 2 + 2
+
+  run = lambda method, clip: jax.jit(lambda p, c: dp.clipped_grad_sum(
+      model.apply, p, x, y, mask, c, method))(params, clip)
+  _, _, norms = run("naive", 1.0)
+  clip = float(np.median(np.asarray(norms)))  # clip about half
+  _, naive_sum, naive_norms = run("naive", clip)
+  _, ghost_sum, ghost_norms = run("ghost", clip)
+  np.testing.assert_allclose(ghost_norms, naive_norms, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               ghost_sum, naive_sum)
