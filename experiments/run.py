@@ -36,7 +36,8 @@ from absl import logging
 from mico_jax import attacks, challenge, checkpoint, data, dp, parallel
 from mico_jax import report, scoring, stats
 from mico_jax.pipeline import Execution, run_scenario
-from mico_jax.tasks import TASKS
+from mico_jax.pretrained import FolderError
+from mico_jax.tasks import TASKS, with_pretrained
 
 _TASK = flags.DEFINE_enum("task", "digits", sorted(TASKS), "MICO task to run.")
 _SCENARIOS = flags.DEFINE_list(
@@ -56,6 +57,10 @@ _DATA_DIR = flags.DEFINE_string(
     "cifar10_jpeg.npz, sst2/{train,dev}.tsv, location/bangkok,"
     " purchase100/dataset_purchase). Unset: CIFAR-10 and SST-2 come from"
     " TFDS's prepared data; the tabular tasks need it.")
+_PRETRAINED_DIR = flags.DEFINE_string(
+    "pretrained_dir", None, "Task sst2: the RoBERTa to fine-tune, a Hugging"
+    " Face folder (config.json, model.safetensors or pytorch_model.bin,"
+    " vocab.json + merges.txt or tokenizer.json); nothing is downloaded.")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of every challenge seed.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Output folder.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the recipe's epochs.",
@@ -164,6 +169,8 @@ def run(log=print) -> dict:
     log = lambda _: None
   workdir = _prepare_workdir(_WORKDIR.value)
   task = TASKS[_TASK.value]
+  if _PRETRAINED_DIR.value:
+    task = with_pretrained(task, _PRETRAINED_DIR.value)
   task = dataclasses.replace(
       task, len_training=_LEN_TRAINING.value or task.len_training,
       len_challenge=_LEN_CHALLENGE.value or task.len_challenge)
@@ -249,7 +256,8 @@ def main(argv):
                         _PROCESS_ID.value)
     run()
   except (UserError, data.DataError, challenge.ChallengeError,
-          checkpoint.CheckpointError, parallel.ParallelError, dp.DPError) as e:
+          checkpoint.CheckpointError, parallel.ParallelError, dp.DPError,
+          FolderError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -154,12 +154,12 @@ def test_ghost_clipping_of_the_transformer_equals_naive():
   # 4 in the embeddings, 8 per transformer layer, 2 in the head.
   assert {c.path for c in calls} == layers and len(layers) == 4 + 8 * 2 + 2
 
-  run = lambda method, clip: jax.jit(lambda p, c: dp.clipped_grad_sum(
-      model.apply, p, x, y, mask, c, method))(params, clip)
-  _, _, norms = run("naive", 1.0)
-  clip = float(np.median(np.asarray(norms)))  # clip about half
-  _, naive_sum, naive_norms = run("naive", clip)
-  _, ghost_sum, ghost_norms = run("ghost", clip)
+  naive, ghost = (jax.jit(lambda p, c, m=m: dp.clipped_grad_sum(
+      model.apply, p, x, y, mask, c, m)) for m in ("naive", "ghost"))
+  _, _, norms = naive(params, 1.0)
+  clip = jnp.median(norms)  # clip about half
+  _, naive_sum, naive_norms = naive(params, clip)
+  _, ghost_sum, ghost_norms = ghost(params, clip)
   np.testing.assert_allclose(ghost_norms, naive_norms, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
