@@ -16,6 +16,7 @@ importers; `Pretrained(path)` hands a folder's weights to
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 from typing import Sequence
 
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mico_jax.roberta import RobertaClassifier, RobertaConfig, from_torch_names
+from mico_jax.roberta import (RobertaClassifier, RobertaConfig,
+                              from_torch_names, torch_name)
 
 _GET = ("on a machine with internet: `huggingface-cli download roberta-base"
         " --local-dir DIR` (or the model you fine-tune), then copy DIR here")
@@ -130,6 +132,26 @@ def load_roberta_folder(path: str, *, require_head: bool = True,
       np.savez(tmp, **flat)
       os.replace(tmp, cached)  # never a half-written cache
   return config, {"params": traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def save_roberta_folder(path: str, config: RobertaConfig,
+                        params: dict) -> None:
+  """Writes `config.json` and `model.safetensors` that Hugging Face's
+  `RobertaForSequenceClassification.from_pretrained` (and
+  `load_roberta_folder`) read: the inverse of `load_roberta_folder`."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  tensors = {}
+  for name, leaf in traverse_util.flatten_dict(params["params"],
+                                               sep="/").items():
+    array = np.asarray(leaf, np.float32)
+    tensors[torch_name(name)] = np.ascontiguousarray(
+        array.T if name.endswith("/kernel") else array)
+  save_file(tensors, os.path.join(path, "model.safetensors"))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"model_type": "roberta",
+               "architectures": ["RobertaForSequenceClassification"],
+               **dataclasses.asdict(config)}, f, indent=2)
 
 
 @functools.lru_cache(maxsize=2)

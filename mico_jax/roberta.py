@@ -64,6 +64,9 @@ class RobertaConfig:
 
     `num_labels` is the length of `id2label` where the file has one.
     """
+    if config.get("position_embedding_type", "absolute") != "absolute":
+      raise ValueError("only absolute position embeddings are supported, got"
+                       f" {config['position_embedding_type']!r}")
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in config.items() if k in fields}
     if "id2label" in config and "num_labels" not in config:
@@ -286,7 +289,8 @@ def from_torch_names(state: dict[str, np.ndarray],
 
   Dense kernels are transposed; checkpoint entries with no parameter here
   (`roberta.pooler.*`, `lm_head.*`, buffers) are ignored. A checkpoint of a
-  bare `RobertaModel` (names without `roberta.`) is read too.
+  bare `RobertaModel` (names without `roberta.`) is read too, and so are
+  names behind Opacus's `_module.`.
 
   Args:
     state: checkpoint name -> array.
@@ -299,6 +303,8 @@ def from_torch_names(state: dict[str, np.ndarray],
     ValueError: an array whose shape does not match.
   """
   like = like.get("params", like)
+  # Opacus's GradSampleModule prefixes its wrapped model's names.
+  state = {k.removeprefix("_module."): v for k, v in state.items()}
   if not any(k.startswith("roberta.") for k in state):
     state = {"roberta." + k: v for k, v in state.items()}
   found, missing = {}, []

@@ -3,6 +3,7 @@ offline."""
 
 import json
 import os
+import subprocess
 import sys
 
 from flax import traverse_util
@@ -113,16 +114,8 @@ def test_pretrained_init_keeps_weights_and_draws_a_head_per_model(tmp_path):
 
 def test_tokenizer_matches_transformers(tmp_path):
   transformers = pytest.importorskip("transformers")
-  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  merges = [("Ġ", "g"), ("o", "o"), ("Ġg", "oo"), ("Ġgoo", "d"), ("'", "t"),
-            ("n", "'t")]
-  vocab = ["<s>", "<pad>", "</s>", "<unk>"] + alphabet + [a + b
-                                                           for a, b in merges]
-  (tmp_path / "vocab.json").write_text(
-      json.dumps({t: i for i, t in enumerate(vocab)}))
-  (tmp_path / "merges.txt").write_text(
-      "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  _byte_level_folder(str(tmp_path), [("Ġ", "g"), ("o", "o"), ("Ġg", "oo"),
+                                     ("Ġgoo", "d"), ("'", "t"), ("n", "'t")])
   sentences = ["a good film", "is n't good , really", "", "good " * 20]
   ids, truncated = pretrained.tokenize(str(tmp_path), sentences, 12)
   assert ids.shape == (4, 12) and truncated == 2  # the last two
@@ -164,3 +157,55 @@ def test_ghost_clipping_of_the_transformer_equals_naive():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
                ghost_sum, naive_sum)
+
+
+def _byte_level_folder(folder, merges=()):
+  """vocab.json + merges.txt: RoBERTa's specials, the byte alphabet, merges."""
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = (["<s>", "<pad>", "</s>", "<unk>"] +
+           sorted(pre_tokenizers.ByteLevel.alphabet()) +
+           [a + b for a, b in merges])
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f)
+  with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  return len(vocab)
+
+
+def _run(*args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args],
+                        cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_main_job_fine_tunes_a_pretrained_folder(tmp_path):
+  folder = str(tmp_path / "roberta")
+  config = roberta.RobertaConfig(
+      vocab_size=_byte_level_folder(folder), hidden_size=8,
+      num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+      max_position_embeddings=70)
+  params = roberta.RobertaClassifier(config).init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  pretrained.save_roberta_folder(folder, config, params)
+  rng = np.random.default_rng(0)
+  os.makedirs(tmp_path / "data" / "sst2")
+  for name, rows in (("train.tsv", 50), ("dev.tsv", 10)):
+    lines = ["sentence\tlabel"] + [
+        f"{'good' if y else 'bad'} film {i}\t{y}"
+        for i, y in enumerate(rng.integers(0, 2, rows))]
+    (tmp_path / "data" / "sst2" / name).write_text("\n".join(lines) + "\n")
+  workdir = tmp_path / "out"
+  proc = _run("--task=sst2", f"--pretrained_dir={folder}",
+              f"--data_dir={tmp_path / 'data'}", f"--workdir={workdir}",
+              "--num_models=2", "--epochs=1", "--len_training=30",
+              "--len_challenge=5", "--attacks=loss", "--submit_attack=loss")
+  assert proc.returncode == 0, proc.stderr
+  assert "30 of 60 sst2 points" in proc.stdout
+  assert "loss" in json.loads((workdir / "scores.json").read_text())["inf"]
+
+  proc = _run("--task=sst2", f"--data_dir={tmp_path / 'data'}",
+              f"--workdir={workdir}")
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "pass --pretrained_dir" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
