@@ -471,8 +471,9 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
     layer_grads = [
         jax.vjp(lambda p, i=i: calls[i].module.apply({"params": p}, inputs[i]),
                 layer_params)[1](
-                    g_outputs[i] * weight_B.reshape(
-                        (batch,) + (1,) * (g_outputs[i].ndim - 1)))[0]
+                    (g_outputs[i] * weight_B.reshape(
+                        (batch,) + (1,) * (g_outputs[i].ndim - 1))).astype(
+                            g_outputs[i].dtype))[0]
         for i in idx]
     total = jax.tree.map(lambda *leaves: sum(leaves), *layer_grads)
     for name, leaf in traverse_util.flatten_dict(total).items():

@@ -157,6 +157,12 @@ def test_ghost_clipping_of_the_transformer_equals_naive():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
                ghost_sum, naive_sum)
+  # bfloat16 compute: float32 gradients, norms close to float32's.
+  model16 = roberta.RobertaClassifier(config, dtype=jnp.bfloat16)
+  _, sum16, norms16 = jax.jit(lambda p: dp.clipped_grad_sum(
+      model16.apply, p, x, y, mask, clip))(params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(sum16))
+  np.testing.assert_allclose(norms16, naive_norms, rtol=2e-2)
 
 
 def _byte_level_folder(folder, merges=()):
