@@ -330,10 +330,9 @@ SST2_CPU = Task(
 # vocabulary of 4,000 ids and 32 tokens, a `<s>` id first (as RoBERTa's),
 # id 0 padding. Differs from `sst2`: no pretraining and no BPE; a seeded pool
 # of 20,000 of the 68,221 sentences with n = 10,000 (each point IN for ~50%
-# of models); Adam lr 1e-3 and batch 32 for 10 epochs without DP. With DP:
-# MICO's C = 0.1 and 3 epochs are too little for a model learning from
-# scratch, so expected batch 500 (q = 0.05), Adam lr 2e-3, C = 1 and 15
-# epochs. 8 models.
+# of models); Adam lr 1e-3 and batch 32 for 3 epochs without DP. With DP:
+# MICO's C = 0.1, Adam lr 3e-4, expected batch 1,000 (q = 0.1) and 10 epochs
+# (100 steps; MICO's 3 epochs are too few from scratch). 4 models.
 SST2_TINY_VOCAB = 4_000
 SST2_TINY_LENGTH = 32
 
@@ -361,11 +360,11 @@ SST2_TINY = Task(
     len_challenge=100,
     scenarios=mico_scenarios(
         inf=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=32,
-                        epochs=10),
-        dp_base=TrainConfig(optimizer="adam", learning_rate=2e-3,
-                            batch_size=500, epochs=15),
-        clip_norm=1.0),
-    default_models=8,
+                        epochs=3),
+        dp_base=TrainConfig(optimizer="adam", learning_rate=3e-4,
+                            batch_size=1000, epochs=10),
+        clip_norm=0.1),
+    default_models=4,
 )
 
 # MICO's Purchase-100 track: N = 197,324, n = 150,000; MLP 600-128-100 (tanh),
