@@ -62,7 +62,8 @@ from mico_jax import attacks, audit, challenge, checkpoint, data, dp
 from mico_jax import parallel, report, scoring, stats, workdir
 from mico_jax.attacks.lira import MIN_SHADOWS_FOR_VARIANCE
 from mico_jax.pipeline import Execution, run_scenario
-from mico_jax.tasks import TASKS, Task
+from mico_jax.pretrained import FolderError
+from mico_jax.tasks import TASKS, Task, with_pretrained
 from mico_jax.train import TrainConfig
 
 _TASK = flags.DEFINE_enum("task", "digits", sorted(TASKS), "MICO task to run.")
@@ -83,6 +84,10 @@ _DATA_DIR = flags.DEFINE_string(
     "cifar10_jpeg.npz, sst2/{train,dev}.tsv, location/bangkok,"
     " purchase100/dataset_purchase). Unset: CIFAR-10 and SST-2 come from"
     " TFDS's prepared data; the tabular tasks need it.")
+_PRETRAINED_DIR = flags.DEFINE_string(
+    "pretrained_dir", None, "Task sst2: the RoBERTa to fine-tune, a Hugging"
+    " Face folder (config.json, model.safetensors or pytorch_model.bin,"
+    " vocab.json + merges.txt or tokenizer.json); nothing is downloaded.")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of every challenge seed.")
 _TRAINING_SEED = flags.DEFINE_integer(
     "training_seed", None, "Seed of the training randomness (init, data order,"
@@ -150,7 +155,7 @@ class UserError(Exception):
 # fault of the system, reported with a pointer to the log.
 _ONE_LINE_ERRORS = (UserError, data.DataError, challenge.ChallengeError,
                     checkpoint.CheckpointError, parallel.ParallelError,
-                    dp.DPError, workdir.WorkdirError)
+                    dp.DPError, workdir.WorkdirError, FolderError)
 _DP_FLAGS = ("epsilon", "delta", "clip_norm")
 Log = Callable[[str], None]
 
@@ -195,6 +200,8 @@ def _validate(log: Log = print) -> Plan:
     UserError, challenge.ChallengeError, dp.DPError: what is wrong.
   """
   task = TASKS[_TASK.value]
+  if _PRETRAINED_DIR.value is not None:
+    task = with_pretrained(task, _PRETRAINED_DIR.value)
   scenarios = _SCENARIOS.value
   unknown = [s for s in scenarios if s not in task.scenarios]
   if unknown or not scenarios:
@@ -309,6 +316,8 @@ def _identity(plan: Plan) -> dict[str, object]:
       "len_challenge": plan.task.len_challenge,
       "query_shift": _QUERY_SHIFT.value, "scenarios": list(plan.configs),
       "canaries": _CANARIES.value, "training_seed": _TRAINING_SEED.value,
+      "pretrained_dir": (_PRETRAINED_DIR.value and
+                         os.path.abspath(_PRETRAINED_DIR.value)),
       "data_dir": _DATA_DIR.value and os.path.abspath(_DATA_DIR.value)}
   for scenario, config in plan.configs.items():
     identity.update(_flatten(scenario, dataclasses.asdict(config)))

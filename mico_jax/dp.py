@@ -26,9 +26,11 @@ one backward pass to zero perturbations added to each layer's output (flax
 method interception, so models need no hooks). The clipped sum of weight
 gradients is then Σ_b w_b a_bᵀ g_b with w_b = min(1, C/||grad_b||): one
 vector-Jacobian product per layer with the reweighted g, reusing the forward
-pass, so a DP step costs about one plain step. Parameters outside `nn.Dense`
-and `nn.Conv` layers (or in layers called in unsupported ways) fall back to
-per-example gradients by `vmap(grad)`, for those parameters only. Both paths
+pass, so a DP step costs about one plain step. `nn.Embed` and `nn.LayerNorm`
+layers are covered too (see `_per_example_norm_sq`), so a transformer needs
+no fallback. Parameters outside these layers (or in layers called in
+unsupported ways) fall back to per-example gradients by `vmap(grad)`, for
+those parameters only. Both paths
 assume each example's output depends on that example alone (no batch norm) and
 that a covered layer's parameters are used only through its `__call__`.
 
@@ -337,7 +339,10 @@ def _conv_padding(module: nn.Conv, rank: int):
       padding, str) else None
 
 
-def _supported(module: nn.Module, inputs: jax.Array, batch: int) -> bool:
+def _supported(module: nn.Module, inputs: jax.Array, batch: int,
+               kwargs: dict[str, Any]) -> bool:
+  if type(module) in _PER_EXAMPLE_LAYERS:
+    return _per_example_supported(module, inputs, batch, kwargs)
   if inputs.ndim < 2 or inputs.shape[0] != batch:
     return False
   if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
@@ -361,15 +366,18 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if (context.method_name != "__call__" or
-        type(module) not in (nn.Dense, nn.Conv)):
+        type(module) not in (nn.Dense, nn.Conv) + _PER_EXAMPLE_LAYERS):
       return next_fun(*args, **kwargs)
     out = next_fun(*args, **kwargs)
     if perturbs is not None:
       out = out + perturbs[len(outputs)]
     layer_input = args[0] if args else kwargs["inputs"]
-    # The copy re-applies the layer for the clipped VJP: at full precision.
-    calls.append(_Call(module.path, module.clone(parent=None, precision=_FULL),
-                       _supported(module, layer_input, x.shape[0])))
+    # The copy re-applies the layer for the clipped VJP: at full precision
+    # (embeddings and LayerNorms have no matmul precision to set).
+    full = {"precision": _FULL} if type(module) in (nn.Dense, nn.Conv) else {}
+    copy = module.clone(parent=None, **full)
+    calls.append(_Call(module.path, copy,
+                       _supported(module, layer_input, x.shape[0], kwargs)))
     inputs.append(layer_input)
     outputs.append(out)
     return out
@@ -409,6 +417,61 @@ def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
     return jnp.sum(gram_a * gram_g, (1, 2))
   return jnp.sum(jnp.einsum("bpd,bpo->bdo", a_BxPxD, g_BxPxO,
                             precision=_FULL) ** 2, (1, 2))
+
+
+# Embeddings and LayerNorms: covered by the same interception. An embedding's
+# per-example gradient is a scatter of the output gradients g_bp into the rows
+# of the example's ids, so ||grad_b||² = Σ_{p,q: id_p = id_q} <g_bp, g_bq>, a
+# Gram matrix masked by id equality (never the [V, D] gradient). A LayerNorm's
+# parameters are few: its per-example gradients come from a vmapped VJP of the
+# layer alone. Either way the clipped sum is the layer's VJP at the reweighted
+# g, as for dense layers.
+_PER_EXAMPLE_LAYERS = (nn.Embed, nn.LayerNorm)
+
+
+def _per_example_supported(module: nn.Module, inputs: jax.Array, batch: int,
+                           kwargs: dict[str, Any]) -> bool:
+  if inputs.ndim < 1 or inputs.shape[0] != batch:
+    return False
+  if isinstance(module, nn.Embed):
+    return True
+  # Each example normalised on its own: no batch axis, no cross-device stats.
+  axes = {a % inputs.ndim for a in _as_tuple(module.reduction_axes, 1)}
+  features = {a % inputs.ndim for a in _as_tuple(module.feature_axes, 1)}
+  return (inputs.ndim >= 2 and 0 not in axes | features and
+          module.axis_name is None and kwargs.get("mask") is None)
+
+
+def _layer_params(params: PyTree, path: tuple[str, ...]) -> PyTree:
+  layer_params = params["params"]
+  for name in path:
+    layer_params = layer_params[name]
+  return layer_params
+
+
+def _per_example_norm_sq(module: nn.Module, layer_params: PyTree,
+                         inputs: list[jax.Array],
+                         g_outputs: list[jax.Array]) -> jax.Array:
+  """Squared norms `[B]` of an embedding's or a LayerNorm's per-example
+  gradients, summed over the layer's calls."""
+  batch = inputs[0].shape[0]
+  if isinstance(module, nn.Embed):
+    ids_BxP = jnp.concatenate([i.reshape(batch, -1) for i in inputs], 1)
+    g_BxPxD = jnp.concatenate(
+        [g.reshape(batch, -1, g.shape[-1]) for g in g_outputs],
+        1).astype(jnp.float32)
+    same_BxPxP = ids_BxP[:, :, None] == ids_BxP[:, None, :]
+    gram_BxPxP = jnp.einsum("bpd,bqd->bpq", g_BxPxD, g_BxPxD)
+    return jnp.sum(jnp.where(same_BxPxP, gram_BxPxP, 0), (1, 2))
+
+  def grads_one(x_one, g_one):
+    return jax.vjp(lambda p: module.apply({"params": p}, x_one[None]),
+                   layer_params)[1](g_one[None])[0]
+
+  grads_B = jax.tree.map(lambda *g: sum(g), *[
+      jax.vmap(grads_one)(x, g) for x, g in zip(inputs, g_outputs)])
+  return sum(jnp.sum(g.reshape(batch, -1).astype(jnp.float32) ** 2, 1)
+             for g in jax.tree.leaves(grads_B))
 
 
 def _output_gradients(apply_fn, params, x, y):
@@ -467,11 +530,18 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   norm_sq_B = jnp.zeros(batch, jnp.float32)
   for path, idx in by_path.items():
     module = calls[idx[0]].module
-    # Calls of one layer share its weights: their positions add up.
-    a = jnp.concatenate([_unfold(module, inputs[i]) for i in idx], 1)
+    if type(module) in _PER_EXAMPLE_LAYERS:
+      norm_sq_B += _per_example_norm_sq(
+          module, _layer_params(params, path), [inputs[i] for i in idx],
+          [g_outputs[i] for i in idx])
+      continue
+    # Calls of one layer share its weights: their positions add up. Norms
+    # in float32 whatever the compute dtype: clipping must be exact.
+    a = jnp.concatenate([_unfold(module, inputs[i]) for i in idx],
+                        1).astype(jnp.float32)
     g = jnp.concatenate(
         [g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1]) for i in idx],
-        1)
+        1).astype(jnp.float32)
     norm_sq_B += _kernel_norm_sq(a, g)
     if module.use_bias:
       norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
@@ -499,15 +569,14 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
   grads = {k: jnp.tensordot(weight_B, g, 1, precision=_FULL)
            for k, g in rest_grads_B.items()}
   for path, idx in by_path.items():
-    layer_params = params["params"]
-    for name in path:
-      layer_params = layer_params[name]
+    layer_params = _layer_params(params, path)
     # Σ_b w_b a_bᵀ g_b is the layer's own VJP at the reweighted g.
     layer_grads = [
         jax.vjp(lambda p, i=i: calls[i].module.apply({"params": p}, inputs[i]),
                 layer_params)[1](
-                    g_outputs[i] * weight_B.reshape(
-                        (batch,) + (1,) * (g_outputs[i].ndim - 1)))[0]
+                    (g_outputs[i] * weight_B.reshape(
+                        (batch,) + (1,) * (g_outputs[i].ndim - 1))).astype(
+                            g_outputs[i].dtype))[0]
         for i in idx]
     total = jax.tree.map(lambda *leaves: sum(leaves), *layer_grads)
     for name, leaf in traverse_util.flatten_dict(total).items():

@@ -33,8 +33,11 @@ import os
 from typing import Callable, Mapping
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from mico_jax import data, models
+from mico_jax import data, models, pretrained, roberta
 from mico_jax.data import cifar10, sst2, tabular
 from mico_jax.dp import DPConfig
 from mico_jax.train import TrainConfig
@@ -156,18 +159,9 @@ def load_cifar10(data_dir: str | None, pool_size: int | None = None
   return data.subset(dataset, pool_size) if pool_size else dataset
 
 
-def load_sst2(data_dir: str | None, pool_size: int | None = None
-              ) -> data.Dataset:
-  """SST-2 (N = 68,221): `data_dir`'s GLUE TSVs, else TFDS; tokenized.
-
-  The vocabulary (10,000 ids) is built from the pool after subsetting, so a
-  small pool gets no embeddings for words it never contains.
-
-  Args:
-    data_dir: folder holding `sst2/train.tsv` and `sst2/dev.tsv`, or None for
-      TFDS.
-    pool_size: keep a seeded random subset of this many sentences.
-  """
+def _sst2_sentences(data_dir: str | None, pool_size: int | None = None):
+  """SST-2's (sentences, labels): `data_dir`'s GLUE TSVs, else TFDS; a seeded
+  random subset of `pool_size` of them if given."""
   if data_dir is None:
     sentences, labels = _from_tfds(sst2.read_sst2_tfds,
                                    "sst2/train.tsv and sst2/dev.tsv")
@@ -176,7 +170,26 @@ def load_sst2(data_dir: str | None, pool_size: int | None = None
   if pool_size:
     idx = data.subset_indices(len(labels), pool_size)
     sentences, labels = [sentences[i] for i in idx], labels[idx]
-  return sst2.encode_text(sentences, labels, "sst2", mico_order=not pool_size)
+  return sentences, labels
+
+
+def load_sst2(data_dir: str | None, pool_size: int | None = None,
+              vocab_size: int = 10_000, max_len: int = 64) -> data.Dataset:
+  """SST-2 (N = 68,221): `data_dir`'s GLUE TSVs, else TFDS; tokenized.
+
+  The vocabulary (`vocab_size` ids) is built from the pool after subsetting,
+  so a small pool gets no embeddings for words it never contains.
+
+  Args:
+    data_dir: folder holding `sst2/train.tsv` and `sst2/dev.tsv`, or None for
+      TFDS.
+    pool_size: keep a seeded random subset of this many sentences.
+    vocab_size: word-level vocabulary size, padding and unknown included.
+    max_len: tokens per sentence (truncated or padded with 0).
+  """
+  sentences, labels = _sst2_sentences(data_dir, pool_size)
+  return sst2.encode_text(sentences, labels, "sst2", vocab_size=vocab_size,
+                          max_len=max_len, mico_order=not pool_size)
 
 
 def load_purchase100(data_dir: str | None, pool_size: int | None = None
@@ -254,33 +267,77 @@ CIFAR10_CPU = Task(
     unroll=True,
 )
 
-# MICO's SST-2 track: train + validation pooled, n = 67,349 (a point is IN for
-# ~99% of models), 3 epochs at a constant lr, as MICO's train_sst2_*.sh:
-# batch 96 without DP (HF `Trainer`, which shuffles: `shuffle=True`); with DP
-# (train_sst2_{hi,lo}.sh: per-device batch 16 x 64 accumulation steps)
-# expected batch 1,024, C = 0.1 and q = B / n (`sample_rate_rule="batch"`,
-# train_sst2.py's `sampling_probability`), Poisson-sampled here (MICO's
-# batches come from the HF Trainer's loader; not checked to be Poisson).
-# Differs: MICO fine-tunes
-# pretrained RoBERTa-base (lr 5e-5, 5e-4 with DP; BPE, 67 tokens); we cannot
-# fetch its weights, so a `BagOfEmbeddings` classifier over a word-level
-# vocabulary of 10,000 (64 tokens) is trained from scratch, with Adam at lr
-# 1e-3. `models.TextClassifier` takes a pretrained encoder in its place.
+# MICO's SST-2 track: RoBERTa fine-tuned from a pretrained folder
+# (`with_pretrained`, the main job's --pretrained_dir; MICO: roberta-base) on
+# train + validation pooled, n = 67,349 (a point is IN for ~99% of models),
+# tokenised by the folder's BPE to 67 tokens; 3 epochs at a constant lr, Adam
+# (HF Trainer's AdamW without weight decay): lr 5e-5 and batch 96 without DP;
+# lr 5e-4, expected batch 1,024 and C = 0.1 with DP (MICO:
+# training/train_sst2_{inf,hi,lo}.sh). Differs: no dropout (MICO trains with
+# 0.1) and no global gradient-norm clipping at 1.0 (HF Trainer's default);
+# with DP, q = 1/66 instead of 1024/67,349 (0.4% apart). Without a folder the
+# model is roberta-base's shape, randomly initialised, and loading the data
+# asks for --pretrained_dir.
+SST2_MAX_LENGTH = 67
+
+
+def load_sst2_pretrained(data_dir: str | None, pretrained_dir: str | None,
+                         pool_size: int | None = None) -> data.Dataset:
+  """SST-2 tokenised by a pretrained folder's tokenizer, to 67 tokens as MICO.
+
+  Raises:
+    DataError: no folder given.
+    pretrained.FolderError: the folder lacks the tokenizer's files.
+  """
+  if pretrained_dir is None:
+    raise data.DataError(
+        "task sst2 fine-tunes a pretrained RoBERTa: pass --pretrained_dir, a"
+        " folder with config.json, model.safetensors (or pytorch_model.bin)"
+        " and vocab.json + merges.txt (or tokenizer.json), e.g. roberta-base")
+  sentences, labels = _sst2_sentences(data_dir, pool_size)
+  ids, _ = pretrained.tokenize(pretrained_dir, sentences, SST2_MAX_LENGTH)
+  return data.Dataset("sst2", ids, np.asarray(labels, np.int32), 2, "text",
+                      mico_order=not pool_size)
+
+
 SST2 = Task(
     name="sst2",
-    load=load_sst2,
-    make_model=lambda num_classes: models.TextClassifier(
-        num_classes, models.BagOfEmbeddings(10_000)),
+    load=functools.partial(load_sst2_pretrained, pretrained_dir=None),
+    make_model=lambda num_classes: roberta.RobertaClassifier(
+        roberta.RobertaConfig(num_labels=num_classes)),
     pool_size=68_221,
     len_training=67_349,
     len_challenge=100,
     scenarios=mico_scenarios(
-        inf=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=96,
+        inf=TrainConfig(optimizer="adam", learning_rate=5e-5, batch_size=96,
                         epochs=3),
-        dp_base=TrainConfig(optimizer="adam", learning_rate=1e-3,
+        dp_base=TrainConfig(optimizer="adam", learning_rate=5e-4,
                             batch_size=1024, epochs=3),
         clip_norm=0.1, sample_rate_rule="batch"),
 )
+
+
+def with_pretrained(task: Task, pretrained_dir: str) -> Task:
+  """`task` fine-tuning the RoBERTa in `pretrained_dir` (task sst2 only).
+
+  The model computes in bfloat16 on accelerators (float32 parameters,
+  clipping and optimizer state) and in float32 on CPU.
+
+  Raises:
+    DataError: the task takes no pretrained model.
+    pretrained.FolderError: the folder lacks config.json.
+  """
+  if task.name != "sst2":
+    raise data.DataError(f"--pretrained_dir: task {task.name} takes no"
+                         " pretrained model (only sst2 does)")
+  pretrained.read_config(pretrained_dir)  # fail now on a missing config
+  dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return dataclasses.replace(
+      task, load=functools.partial(load_sst2_pretrained,
+                                   pretrained_dir=pretrained_dir),
+      make_model=lambda num_classes: pretrained.pretrained_classifier(
+          pretrained_dir, num_classes, dtype))
+
 
 # SST-2 on 2 CPU cores. Differs from `sst2`: a seeded pool of 4,000 of the
 # 68,221 sentences with n = 2,000 (each point IN for ~50% of models, not ~99%:
@@ -302,6 +359,48 @@ SST2_CPU = Task(
                             batch_size=128, epochs=10),
         clip_norm=0.1, sample_rate_rule="batch"),
     default_models=64,
+)
+
+# SST-2's transformer track on 2 CPU cores: a tiny RoBERTa (2 layers, width
+# 32, 2 heads, feed-forward 64) trained from scratch on a word-level
+# vocabulary of 4,000 ids and 32 tokens, a `<s>` id first (as RoBERTa's),
+# id 0 padding. Differs from `sst2`: no pretraining and no BPE; a seeded pool
+# of 20,000 of the 68,221 sentences with n = 10,000 (each point IN for ~50%
+# of models); Adam lr 1e-3 and batch 32 for 3 epochs without DP. With DP:
+# MICO's C = 0.1, Adam lr 3e-4, expected batch 1,000 (q = 0.1) and 10 epochs
+# (100 steps; MICO's 3 epochs are too few from scratch). 4 models.
+SST2_TINY_VOCAB = 4_000
+SST2_TINY_LENGTH = 32
+
+
+def load_sst2_tiny(data_dir: str | None) -> data.Dataset:
+  """`sst2_tiny`'s pool: word ids, `<s>` (the last id) first, 0 padding."""
+  dataset = load_sst2(data_dir, pool_size=20_000,
+                      vocab_size=SST2_TINY_VOCAB - 1,
+                      max_len=SST2_TINY_LENGTH - 1)
+  start = np.full((len(dataset), 1), SST2_TINY_VOCAB - 1, np.int32)
+  return dataclasses.replace(dataset, x=np.concatenate([start, dataset.x], 1))
+
+
+SST2_TINY = Task(
+    name="sst2_tiny",
+    load=load_sst2_tiny,
+    make_model=lambda num_classes: roberta.RobertaClassifier(
+        roberta.RobertaConfig(
+            vocab_size=SST2_TINY_VOCAB, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=SST2_TINY_LENGTH + 1, pad_token_id=0,
+            num_labels=num_classes)),
+    pool_size=20_000,
+    len_training=10_000,
+    len_challenge=100,
+    scenarios=mico_scenarios(
+        inf=TrainConfig(optimizer="adam", learning_rate=1e-3, batch_size=32,
+                        epochs=3),
+        dp_base=TrainConfig(optimizer="adam", learning_rate=3e-4,
+                            batch_size=1000, epochs=10),
+        clip_norm=0.1),
+    default_models=4,
 )
 
 # MICO's Purchase-100 track: N = 197,324, n = 150,000; MLP 600-128-100 (tanh),
@@ -351,5 +450,5 @@ LOCATION_CPU = dataclasses.replace(LOCATION, name="location_cpu",
                                    default_models=64)
 
 TASKS: dict[str, Task] = {task.name: task for task in (
-    DIGITS, CIFAR10, CIFAR10_CPU, SST2, SST2_CPU, PURCHASE100, PURCHASE100_CPU,
-    LOCATION, LOCATION_CPU)}
+    DIGITS, CIFAR10, CIFAR10_CPU, SST2, SST2_CPU, SST2_TINY, PURCHASE100,
+    PURCHASE100_CPU, LOCATION, LOCATION_CPU)}

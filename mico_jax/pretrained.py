@@ -1,0 +1,222 @@
+"""Hugging Face RoBERTa folders, offline: config, weights and tokenizer.
+
+A folder as `save_pretrained` writes it (and as MICO releases its SST-2
+models): `config.json`, weights in `model.safetensors` (read with the
+`safetensors` package and numpy; no torch) or `pytorch_model.bin` (read with
+`torch.load(weights_only=True)`; torch is imported only then), and for
+tokenising `tokenizer.json` or `vocab.json` + `merges.txt` (read with the
+`tokenizers` package). Nothing is downloaded: a missing file is a
+`FolderError` naming it.
+
+`load_roberta_folder(path) -> (config, params)` is the entry point for
+importers; `Pretrained(path)` hands a folder's weights to
+`roberta.RobertaClassifier` as its initial parameters.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from mico_jax.roberta import (RobertaClassifier, RobertaConfig,
+                              from_torch_names, torch_name)
+
+_GET = ("on a machine with internet: `huggingface-cli download roberta-base"
+        " --local-dir DIR` (or the model you fine-tune), then copy DIR here")
+
+
+class FolderError(ValueError):
+  """A pretrained folder lacks a file or holds something unusable."""
+
+
+def _file(folder: str, *names: str) -> str:
+  """The first of `names` present in `folder`, else a FolderError."""
+  for name in names:
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      return path
+  raise FolderError(f"{folder}: no {' or '.join(names)}; get it {_GET}")
+
+
+def read_config(folder: str) -> RobertaConfig:
+  """The folder's `config.json` as a `RobertaConfig`."""
+  path = _file(folder, "config.json")
+  try:
+    return RobertaConfig.from_json(path)
+  except (ValueError, TypeError) as e:
+    raise FolderError(f"{path}: {e}") from e
+
+
+def _read_state(path: str) -> dict[str, np.ndarray]:
+  """Checkpoint name -> float array, from safetensors or a PyTorch pickle."""
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    return load_file(path)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FolderError(f"{path}: reading pytorch_model.bin needs torch"
+                      " (pip install torch), or convert the folder to"
+                      " model.safetensors") from None
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  return {k: v.float().numpy() for k, v in state.items()
+          if torch.is_floating_point(v)}
+
+
+def _cache_path(weights: str, cache_dir: str) -> str:
+  """Where a converted checkpoint is kept: keyed by its path, size and time."""
+  stat = os.stat(weights)
+  key = f"{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+  return os.path.join(cache_dir, f"roberta_{digest}.npz")
+
+
+def default_cache_dir() -> str:
+  """`$MICO_JAX_CACHE`, else `~/.cache/mico_jax`."""
+  return os.environ.get("MICO_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mico_jax")
+
+
+def load_roberta_folder(path: str, *, require_head: bool = True,
+                        cache_dir: str | None = None
+                        ) -> tuple[RobertaConfig, dict]:
+  """A RoBERTa checkpoint folder's architecture and parameters.
+
+  Args:
+    path: the folder (`config.json` and `model.safetensors` or
+      `pytorch_model.bin`).
+    require_head: whether the classification head must be in the checkpoint
+      (a fine-tuned model); if False, a checkpoint without one (roberta-base)
+      gives parameters without `classifier`.
+    cache_dir: where to keep a `pytorch_model.bin` once converted (npz), so
+      later loads need no torch and no unpickling; None: no cache. Safetensors
+      files are read directly (memory-mapped, fast).
+
+  Returns:
+    (config, `{"params": ...}` for `RobertaClassifier(config)`, float32 numpy).
+
+  Raises:
+    FolderError: a file is missing or a parameter absent or misshapen.
+  """
+  config = read_config(path)
+  weights = _file(path, "model.safetensors", "pytorch_model.bin")
+  cached = cache_dir and not weights.endswith(".safetensors") and _cache_path(
+      weights, cache_dir)
+  if cached and os.path.isfile(cached):
+    with np.load(cached) as f:
+      flat = {k: f[k] for k in f.files}
+  else:
+    like = jax.eval_shape(RobertaClassifier(config, parent=None).init,
+                          jax.random.key(0),
+                          jnp.zeros((1, 2), jnp.int32))
+    try:
+      flat, missing = from_torch_names(_read_state(weights), like)
+    except ValueError as e:
+      raise FolderError(f"{weights}: {e}") from e
+    if not require_head:
+      missing = [m for m in missing if not m.startswith("classifier/")]
+    if missing:
+      raise FolderError(f"{weights}: no {len(missing)} parameters, e.g."
+                        f" {missing[0]}; not a RoBERTa checkpoint?")
+    flat = {k: v.astype(np.float32) for k, v in flat.items()}
+    if cached:
+      os.makedirs(cache_dir, exist_ok=True)
+      tmp = cached + ".tmp.npz"
+      np.savez(tmp, **flat)
+      os.replace(tmp, cached)  # never a half-written cache
+  return config, {"params": traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def save_roberta_folder(path: str, config: RobertaConfig,
+                        params: dict) -> None:
+  """Writes `config.json` and `model.safetensors` that Hugging Face's
+  `RobertaForSequenceClassification.from_pretrained` (and
+  `load_roberta_folder`) read: the inverse of `load_roberta_folder`."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  tensors = {}
+  for name, leaf in traverse_util.flatten_dict(params["params"],
+                                               sep="/").items():
+    array = np.asarray(leaf, np.float32)
+    tensors[torch_name(name)] = np.ascontiguousarray(
+        array.T if name.endswith("/kernel") else array)
+  save_file(tensors, os.path.join(path, "model.safetensors"))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"model_type": "roberta",
+               "architectures": ["RobertaForSequenceClassification"],
+               **dataclasses.asdict(config)}, f, indent=2)
+
+
+@functools.lru_cache(maxsize=2)
+def _folder_params(path: str) -> dict[str, np.ndarray]:
+  _, params = load_roberta_folder(path, require_head=False,
+                                  cache_dir=default_cache_dir())
+  return traverse_util.flatten_dict(params["params"], sep="/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A pretrained folder's weights, read once per process when first needed.
+
+  Hashable and compared by path, so models built on it are valid jit keys
+  and describe themselves by the folder.
+  """
+
+  path: str
+
+  def params(self) -> dict[str, np.ndarray]:
+    """Parameter path (`roberta/.../kernel`) -> array."""
+    return _folder_params(self.path)
+
+  def names(self) -> set[str]:
+    return set(self.params())
+
+
+def pretrained_classifier(path: str, num_classes: int,
+                          dtype=jnp.float32) -> RobertaClassifier:
+  """`RobertaClassifier` initialised from the folder, with `num_classes`."""
+  config = dataclasses.replace(read_config(path), num_labels=num_classes)
+  return RobertaClassifier(config, Pretrained(os.path.abspath(path)), dtype)
+
+
+def load_tokenizer(folder: str, max_length: int):
+  """The folder's byte-level BPE tokenizer, padding and truncating to
+  `max_length` with `<s>` first and `</s>` last, as Hugging Face's
+  `RobertaTokenizer(..., padding="max_length", truncation=True)`.
+
+  Returns a `tokenizers.Tokenizer`.
+  """
+  from tokenizers import Tokenizer, processors  # pylint: disable=g-import-not-at-top
+  from tokenizers.implementations import ByteLevelBPETokenizer  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+  else:
+    vocab = _file(folder, "vocab.json", "tokenizer.json")
+    merges = _file(folder, "merges.txt")
+    tokenizer = ByteLevelBPETokenizer(vocab, merges, trim_offsets=True)
+    tokenizer.post_processor = processors.RobertaProcessing(
+        ("</s>", tokenizer.token_to_id("</s>")),
+        ("<s>", tokenizer.token_to_id("<s>")))
+  pad = tokenizer.token_to_id("<pad>")
+  if pad is None:
+    raise FolderError(f"{folder}: the tokenizer has no <pad> token")
+  tokenizer.enable_truncation(max_length)
+  tokenizer.enable_padding(pad_id=pad, pad_token="<pad>", length=max_length)
+  return tokenizer
+
+
+def tokenize(folder: str, sentences: Sequence[str],
+             max_length: int) -> tuple[np.ndarray, int]:
+  """int32 ids `[len(sentences), max_length]` and how many were truncated."""
+  tokenizer = load_tokenizer(folder, max_length)
+  encodings = tokenizer.encode_batch(list(sentences))
+  ids = np.asarray([e.ids for e in encodings], np.int32)
+  truncated = sum(bool(e.overflowing) for e in encodings)
+  return ids.reshape(len(sentences), max_length), truncated
