@@ -60,7 +60,7 @@ import numpy as np
 
 from mico_jax import attacks, audit, challenge, checkpoint, data, dp
 from mico_jax import parallel, report, scoring, stats, workdir
-from mico_jax.attacks.lira import MIN_SHADOWS_FOR_VARIANCE
+from mico_jax.attacks.shadows import MIN_SHADOWS_FOR_VARIANCE
 from mico_jax.pipeline import Execution, run_scenario
 from mico_jax.pretrained import FolderError
 from mico_jax.tasks import TASKS, Task, with_pretrained
