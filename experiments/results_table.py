@@ -3,8 +3,10 @@ r"""Markdown tables of recorded main-job runs, from their JSON files alone.
   python -m experiments.results_table [experiments/results]
 
 Every `scores.json` under the folder (a main job's `--workdir`, copied without
-its bundle) gives one table row per scenario and attack; the scenario's
+its bundle) gives one table row per scenario, phase and attack; the scenario's
 `<scenario>/run.json` beside it gives the command, sizes and accuracies.
+Phases are MICO's `dev` and `final`, scored apart, and `all` (every model
+pooled; the only number of runs recorded before scores.json had phases).
 Output: markdown on stdout.
 """
 
@@ -14,6 +16,7 @@ import os
 import sys
 
 SCENARIO_ORDER = ("inf", "hi", "lo")
+PHASES = ("dev", "final", "all")
 # MICO's keys: TPR at FPR 10% and 1%, and AUC.
 METRICS = (("TPR_FPR_1000", "TPR@10%FPR"), ("TPR_FPR_100", "TPR@1%FPR"),
            ("AUC", "AUC"))
@@ -30,7 +33,9 @@ def load_runs(root: str) -> list[dict]:
       with open(os.path.join(os.path.dirname(path), scenario,
                              "run.json")) as f:
         run = json.load(f)
-      run["scores"] = by_attack
+      # Older scores.json: {attack: metrics}, over all models pooled.
+      run["scores"] = (by_attack if set(by_attack) <= set(PHASES)
+                       else {"all": by_attack})
       run["path"] = os.path.relpath(path, root)
       runs.append(run)
   order = {s: i for i, s in enumerate(SCENARIO_ORDER)}
@@ -57,13 +62,15 @@ def markdown(runs: list[dict]) -> str:
           f" {r['len_training']} | {r['len_challenge']} | {c['epochs']} |"
           f" {c['batch_size']} | {r['train_accuracy']:.3f} |"
           f" {r['eval_accuracy']:.3f} | {_epsilon(r)} | {r['seconds']:.0f} |")
-    lines += ["", "| scenario | attack | " +
+    lines += ["", "| scenario | phase | attack | " +
               " | ".join(name for _, name in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
+              "|---|---|---|" + "---|" * len(METRICS)]
     for r in task_runs:
-      for attack, metrics in r["scores"].items():
-        lines.append(f"| {r['scenario']} | {attack} | " + " | ".join(
-            f"{metrics[key]:.3f}" for key, _ in METRICS) + " |")
+      for phase, by_attack in r["scores"].items():
+        for attack, metrics in by_attack.items():
+          lines.append(f"| {r['scenario']} | {phase} | {attack} | " +
+                       " | ".join(f"{metrics[key]:.3f}" for key, _ in METRICS)
+                       + " |")
     lines += ["", "Commands:", ""]
     commands: dict[tuple[str, str], list[str]] = {}
     for r in task_runs:

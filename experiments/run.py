@@ -3,7 +3,9 @@ r"""The main job: MICO challenge -> K models trained together -> attacks -> MICO
   python -m experiments.run --workdir=/tmp/mico_jax
 
 writes, under --workdir:
-  scores.json                 {scenario: {attack: {MICO metric: value}}}
+  scores.json                 {scenario: {phase: {attack: {MICO metric:
+                              value}}}}: phase dev and final scored apart as
+                              MICO does, and all (every model pooled)
   roc.png                     log-log ROC curves, one panel per scenario
   <scenario>/models.csv       each model's phase, train and evaluation accuracy
   <scenario>/run.json         the command, sizes, recipe, mean accuracies,
@@ -225,9 +227,13 @@ def run(log=print) -> dict:
                            result.challenge, predictions, result.epsilon_K)
     panels[scenario] = {name: (result.challenge.member_KxC, s)
                         for name, s in result.scores_KxC.items()}
-    log(f"[{scenario}] MICO scores over {num_models} x"
-        f" {2 * task.len_challenge} challenge points:\n" +
-        scoring.score_table(result.metrics))
+    for phase, by_attack in result.metrics.items():
+      models = (num_models if phase == "all" else
+                result.challenge.phases.count(phase))
+      log(f"[{scenario}] MICO scores, {phase}"
+          f"{' phases pooled' if phase == 'all' else ' phase'}, over"
+          f" {models} x {2 * task.len_challenge} challenge points:\n" +
+          scoring.score_table(by_attack))
   if not main:
     return all_scores
   report.plot_roc(panels, os.path.join(workdir, "roc.png"),

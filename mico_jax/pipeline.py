@@ -32,7 +32,8 @@ class ScenarioResult:
   params: object  # stacked parameters, leading axis K
   stats: stats.Stats
   scores_KxC: dict[str, np.ndarray]  # attack -> raw scores of challenge points
-  metrics: dict[str, dict[str, float]]  # attack -> MICO metrics
+  # phase ("dev", "final"; "all" pooled) -> attack -> MICO metrics
+  metrics: dict[str, dict[str, dict[str, float]]]
   mechanism: dp.Mechanism | None = None  # DP-SGD's parameters, if DP
   epsilon_K: np.ndarray | None = None  # ε spent by each model, if DP
 
@@ -290,7 +291,7 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
   observations = attacks_lib.Observations(
       observed.stat_KxNxA, observed.loss_KxNxA, challenge.keep_KxN, shadow_K)
   scores = attack_scores(observations, challenge, attack_names)
-  metrics = {name: scoring.score(challenge.member_KxC, s)
-             for name, s in scores.items()}
+  metrics = scoring.score_phases(challenge.member_KxC, scores,
+                                 challenge.phases)
   return ScenarioResult(challenge, params, observed, scores, metrics,
                         mechanism, epsilon_K)

@@ -10,7 +10,7 @@ TPR@FPR; the official numbers include it), then
 `accuracy = max(1 - (fpr + 1 - tpr) / 2)`. `score` makes the same calls.
 """
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from sklearn import metrics as sk_metrics
@@ -58,6 +58,30 @@ def score(solutions: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
   result["MIA"] = float(np.max(tpr - fpr))
   result["accuracy"] = float(np.max(1 - (fpr + (1 - tpr)) / 2))
   return result
+
+
+def score_phases(member_KxC: np.ndarray, scores_KxC: Mapping[str, np.ndarray],
+                 phases: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+  """MICO's metrics per phase: `{phase: {attack: metrics}}`.
+
+  MICO scores its `dev` and `final` models separately (its `ref/` holds one
+  phase); those come out under their names (where the phase has models), and
+  `"all"` pools every model of every phase, `train` included: a number of
+  ours, not one MICO reports.
+
+  Args:
+    member_KxC: the solutions of K models.
+    scores_KxC: attack -> membership scores of the same challenge points.
+    phases: each model's MICO phase.
+  """
+  phases = np.asarray(phases)
+  if phases.shape != (len(member_KxC),):
+    raise ValueError(f"{phases.size} phases for {len(member_KxC)} models")
+  groups = {p: phases == p for p in ("dev", "final") if (phases == p).any()}
+  groups["all"] = np.ones(len(phases), bool)
+  return {group: {name: score(member_KxC[rows], np.asarray(s)[rows])
+                  for name, s in scores_KxC.items()}
+          for group, rows in groups.items()}
 
 
 def to_unit_interval(scores: np.ndarray) -> np.ndarray:

@@ -33,8 +33,10 @@ def test_small_run_writes_scores_bundle_and_plot(tmp_path):
   assert 3.95 <= spent <= 4.0
   assert not (workdir / "bundle" / "inf" / "dev" / "model_2" /
               "epsilon").exists()
-  assert set(scores["inf"]) == {"loss", "lira_online"}
-  assert set(scores["inf"]["loss"]) == {
+  # MICO's phases scored apart, and every model pooled.
+  assert set(scores["inf"]) == {"dev", "final", "all"}
+  assert set(scores["inf"]["final"]) == {"loss", "lira_online"}
+  assert set(scores["inf"]["dev"]["loss"]) == {
       "TPR_FPR_10", "TPR_FPR_100", "TPR_FPR_500", "TPR_FPR_1000",
       "TPR_FPR_1500", "TPR_FPR_2000", "AUC", "MIA", "accuracy"}
   assert (workdir / "roc.png").stat().st_size > 1000

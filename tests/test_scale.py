@@ -53,7 +53,7 @@ def _run(workdir, *extra, devices=1):
 
 
 def _scores(workdir):
-  return json.loads((workdir / "scores.json").read_text())["inf"]
+  return json.loads((workdir / "scores.json").read_text())["inf"]["all"]
 
 
 def _params(workdir):

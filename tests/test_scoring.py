@@ -70,3 +70,19 @@ def test_bad_inputs_are_refused():
     scoring.score(np.array([0, 1]), np.arange(3.0))
   with pytest.raises(ValueError, match="NaN"):
     scoring.to_unit_interval(np.array([0.0, np.nan]))
+
+
+def test_phases_are_scored_apart_and_pooled():
+  rng = np.random.default_rng(2)
+  member = rng.integers(0, 2, (6, 40)).astype(bool)
+  raw = rng.normal(size=(6, 40)) + member
+  phases = ("train", "train", "dev", "dev", "final", "final")
+  got = scoring.score_phases(member, {"a": raw}, phases)
+  assert set(got) == {"dev", "final", "all"}
+  for phase, rows in (("dev", [2, 3]), ("final", [4, 5]),
+                      ("all", range(6))):
+    rows = list(rows)
+    want = mico_reference(member[rows].ravel(), raw[rows].ravel())
+    assert got[phase]["a"] == pytest.approx(want)
+  with pytest.raises(ValueError, match="5 phases for 6 models"):
+    scoring.score_phases(member, {"a": raw}, phases[:5])

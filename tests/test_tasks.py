@@ -138,8 +138,9 @@ def test_main_job_runs_location_from_data_dir(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "150 of 300 location_cpu points" in proc.stdout
   scores = json.loads((workdir / "scores.json").read_text())
-  assert set(scores["inf"]) == {"loss", "lira_online"}
-  assert 0 <= scores["inf"]["lira_online"]["AUC"] <= 1
+  assert set(scores["inf"]) == {"dev", "final", "all"}
+  assert set(scores["inf"]["final"]) == {"loss", "lira_online"}
+  assert 0 <= scores["inf"]["final"]["lira_online"]["AUC"] <= 1
   assert len((workdir / "inf" / "models.csv").read_text().splitlines()) == 5
   run = json.loads((workdir / "inf" / "run.json").read_text())
   assert run["command"].startswith("python -m experiments.run --task=")
@@ -148,8 +149,9 @@ def test_main_job_runs_location_from_data_dir(tmp_path):
   assert run["config"]["epochs"] == 2 and run["epsilon"] is None
   assert 0 <= run["eval_accuracy"] <= 1
   table = results_table.markdown(results_table.load_runs(str(workdir)))
-  auc = scores["inf"]["lira_online"]["AUC"]
-  assert "| inf | lira_online | " in table and f"{auc:.3f} |" in table
+  auc = scores["inf"]["final"]["lira_online"]["AUC"]
+  assert "| inf | final | lira_online | " in table and f"{auc:.3f} |" in table
+  assert "| inf | all | lira_online | " in table
   assert "| inf | 4 | 300 | 150 | 20 | 2 | 512 |" in table
 
 
