@@ -87,12 +87,13 @@ def _audit_dp_training(noise_divisor, monkeypatch):
                              dp=dp.DPConfig(CLAIMED_EPSILON, 1e-5, 1.0))
   try:
     result = pipeline.run_scenario(
-        task, config, pool, NUM_MODELS, 0, ["loss"],
+        task, config, pool, NUM_MODELS, 0, ["lira_online"],
         stats_lib.default_queries(pool, 0), log=None, training_seed=0)
   finally:
     pipeline.make_trainer.cache_clear()
   canary_KxC = canary_N[result.challenge.challenge_KxC]
-  return audit.audit(result.scores_KxC["loss"], result.challenge.member_KxC,
+  return audit.audit(result.scores_KxC["lira_online"],
+                     result.challenge.member_KxC,
                      1e-5, include_KxC=canary_KxC)
 
 
