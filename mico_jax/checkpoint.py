@@ -74,9 +74,8 @@ def fingerprint(description: Mapping[str, Any]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def mismatch(path: str, saved: Mapping[str, Any],
-             wanted: Mapping[str, Any]) -> str:
-  """Says how `path`'s saved configuration differs from the wanted one."""
+def _mismatch(path: str, saved: Mapping[str, Any],
+              wanted: Mapping[str, Any]) -> str:
   keys = sorted(k for k in set(saved) | set(wanted)
                 if saved.get(k) != wanted.get(k))
   shown = [f"{k} ({saved.get(k)} there, {wanted.get(k)} here)"
@@ -136,7 +135,7 @@ class TrainCheckpoints:
     except Exception as e:  # pylint: disable=broad-except
       raise _Damaged(f"{path}: unreadable metadata ({type(e).__name__})") from e
     if meta.get("fingerprint") != fingerprint(self.description):
-      raise CheckpointError(mismatch(path, meta.get("description", {}),
+      raise CheckpointError(_mismatch(path, meta.get("description", {}),
                                       self.description))
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(
@@ -237,5 +236,5 @@ def load_results(path: str, description: Mapping[str, Any], params_like: PyTree
     raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e});"
                           " delete it to recompute") from e
   if str(arrays["fingerprint"]) != fingerprint(description):
-    raise CheckpointError(mismatch(path, saved, description))
+    raise CheckpointError(_mismatch(path, saved, description))
   return jax.tree.unflatten(treedef, leaves), observed
