@@ -1,6 +1,7 @@
 """MICO release import and submission export (`mico_jax/mico_io.py`)."""
 
 import os
+import sys
 import zipfile
 
 import jax
@@ -192,3 +193,10 @@ def test_submission_round_trip_and_unsafe_entries(tmp_path):
                              {"/abs/prediction.csv": values}, 2,
                              str(tmp_path / "x"))
   assert not (tmp_path / "x.zip").exists() and not (tmp_path / "x").exists()
+
+
+def test_missing_torch_is_one_clear_line(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)
+  with pytest.raises(mico_io.MicoIOError,
+                     match="model.pt: reading PyTorch weights needs torch"):
+    mico_io.read_state_dict(str(tmp_path / "model.pt"))
