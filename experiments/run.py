@@ -263,7 +263,8 @@ def main(argv):
                         _PROCESS_ID.value)
     run()
   except (UserError, data.DataError, challenge.ChallengeError,
-          checkpoint.CheckpointError, parallel.ParallelError, dp.DPError) as e:
+          checkpoint.CheckpointError, parallel.ParallelError, dp.DPError,
+          attacks.ObservationError) as e:
     sys.exit(f"error: {e}")
 
 
