@@ -155,7 +155,8 @@ class UserError(Exception):
 # fault of the system, reported with a pointer to the log.
 _ONE_LINE_ERRORS = (UserError, data.DataError, challenge.ChallengeError,
                     checkpoint.CheckpointError, parallel.ParallelError,
-                    dp.DPError, workdir.WorkdirError, FolderError)
+                    dp.DPError, workdir.WorkdirError, FolderError,
+                    attacks.ObservationError)
 _DP_FLAGS = ("epsilon", "delta", "clip_norm")
 Log = Callable[[str], None]
 

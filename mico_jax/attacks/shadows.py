@@ -94,7 +94,11 @@ def loo_median(stat_KxNxA: jax.Array, weight_KxN: jax.Array
   keyed = jnp.where(w, stat_KxNxA, jnp.inf)
   order = jnp.argsort(keyed, axis=0, stable=True)
   sorted_ = jnp.take_along_axis(keyed, order, axis=0)
-  rank = jnp.argsort(order, axis=0, stable=True)  # each model's position
+  # Each model's position in its column: the inverse permutation, scattered.
+  k, n, a = order.shape
+  rank = jnp.zeros_like(order).at[
+      order, jnp.arange(n)[None, :, None], jnp.arange(a)[None, None, :]].set(
+          jnp.broadcast_to(jnp.arange(k)[:, None, None], order.shape))
   count = w.sum(0, keepdims=True) - w
   def at(j):
     j = j + (w & (j >= rank))
