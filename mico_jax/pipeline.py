@@ -169,6 +169,9 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
   finally:
     if checkpoints:
       checkpoints.close()  # an interrupted run's last save completes too
+  if config.dp is not None:  # the ε reported is for the steps accounted
+    dp.calibrate(config.dp, padded.train_KxT.shape[1], config.batch_size,
+                 config.epochs).check_steps(int(state.step))
   return jax.tree.map(lambda a: a[:num_models], parallel.to_host(state.params))
 
 

@@ -399,7 +399,7 @@ SST2_TINY = Task(
                         epochs=3),
         dp_base=TrainConfig(optimizer="adam", learning_rate=3e-4,
                             batch_size=1000, epochs=10),
-        clip_norm=0.1),
+        clip_norm=0.1, sample_rate_rule="batch"),
     default_models=4,
 )
 

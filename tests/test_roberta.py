@@ -208,10 +208,11 @@ def test_main_job_fine_tunes_a_pretrained_folder(tmp_path):
               "--len_challenge=5", "--attacks=loss", "--submit_attack=loss")
   assert proc.returncode == 0, proc.stderr
   assert "30 of 60 sst2 points" in proc.stdout
-  assert "loss" in json.loads((workdir / "scores.json").read_text())["inf"]
+  scores = json.loads((workdir / "scores.json").read_text())
+  assert "loss" in scores["inf"]["all"]
 
   proc = _run("--task=sst2", f"--data_dir={tmp_path / 'data'}",
-              f"--workdir={workdir}")
+              f"--workdir={tmp_path / 'out2'}")
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "pass --pretrained_dir" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1

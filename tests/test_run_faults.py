@@ -133,7 +133,7 @@ def test_rerun_of_attacks_replaces_every_output(copy):
   assert proc.stderr == ""
   assert "training" not in proc.stdout and "epoch" not in proc.stdout
   assert "attacks only" in proc.stdout
-  assert set(json.loads((copy / "scores.json").read_text())["inf"]) == {
+  assert set(json.loads((copy / "scores.json").read_text())["inf"]["all"]) == {
       "loss"}
   assert len(glob.glob(str(copy / "bundle" / "**" / "prediction.csv"),
                        recursive=True)) == 5

@@ -237,9 +237,11 @@ def test_waves_equal_one_wave():
   np.testing.assert_array_equal(once.stats.correct_KxN,
                                 waves.stats.correct_KxN)
   assert jax.tree.leaves(waves.params)[0].shape[0] == 32
-  for attack in once.metrics:
-    for metric, value in once.metrics[attack].items():
-      assert abs(waves.metrics[attack][metric] - value) <= METRIC_TOLERANCE
+  for phase, by_attack in once.metrics.items():
+    for attack, metrics in by_attack.items():
+      for metric, value in metrics.items():
+        assert (abs(waves.metrics[phase][attack][metric] - value) <=
+                METRIC_TOLERANCE)
   # The models differ, so equal results are not a coincidence of copies.
   leaf = jax.tree.leaves(waves.params)[0]
   assert not np.allclose(leaf[0], leaf[8])
