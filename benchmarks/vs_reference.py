@@ -120,7 +120,10 @@ class Workload:
 
   def jax_runner(self, num_models: int, steps: int) -> Callable[[], None]:
     """A compiled, warmed-up `steps`-step run of K models."""
-    trainer = pipeline.make_trainer(self.model, self.config, self.n)
+    # CNN steps unrolled: XLA:CPU runs convolution gradients ~4x slower
+    # inside the step loop even for one model (see RESULTS.md).
+    unroll = self.name.startswith("cnn") and jax.default_backend() == "cpu"
+    trainer = pipeline.make_trainer(self.model, self.config, self.n, unroll)
     train_KxT = jnp.tile(jnp.arange(self.n, dtype=jnp.int32), (num_models, 1))
     x_N, y_N = jnp.asarray(self.x_N), jnp.asarray(self.y_N)
     keys = train.model_keys(np.arange(num_models * 3).reshape(-1, 3))
