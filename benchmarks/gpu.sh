@@ -29,7 +29,7 @@ for workload in cnn cnn_dp mlp mlp_dp; do
     timeout "$LIMIT" python -W ignore -m benchmarks.vs_reference \
       --no_reference --workloads="$workload" --models="$k" "${SIZES[@]}" \
       --out="$OUT/${workload}_$k.json" | tail -n 1 \
-      || echo "$workload K=$k: failed or timed out"
+      || echo "$workload K=$k: exit status $? (124: timed out)"
   done
 done
 python - "$OUT" <<'PY'
