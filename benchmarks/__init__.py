@@ -1,1 +1,1 @@
-"""Throughput and memory benchmarks; run as `python -m benchmarks.<name>`."""
+"""Throughput benchmarks; run as `python -m benchmarks.<name>`."""

@@ -19,18 +19,21 @@ and σ, using `mico_jax.accounting` (dp-accounting's PLD accountant).
 Ghost norms. For a dense layer z = a W + b with input a_b `[P, I]` and output
 gradient g_b = ∂loss_b/∂z_b `[P, O]` (P positions; 1 for an MLP), the
 per-example weight gradient is a_bᵀ g_b, so its squared norm is
-||a_b||²·||g_b||² when P = 1 and <a_b a_bᵀ, g_b g_bᵀ> in general (or
-||a_bᵀ g_b||² when that is cheaper); the bias gradient is Σ_p g_bp. A
-convolution is a dense layer on its unfolded input patches. The g_b come from
-one backward pass to zero perturbations added to each layer's output (flax
-method interception, so models need no hooks). The clipped sum of weight
-gradients is then Σ_b w_b a_bᵀ g_b with w_b = min(1, C/||grad_b||): one
-vector-Jacobian product per layer with the reweighted g, reusing the forward
-pass, so a DP step costs about one plain step. `nn.Embed` and `nn.LayerNorm`
-layers are covered too (see `_per_example_norm_sq`), so a transformer needs
-no fallback. Parameters outside these layers (or in layers called in
-unsupported ways) fall back to per-example gradients by `vmap(grad)`, for
-those parameters only. Both paths
+||a_b||²·||g_b||² when P = 1 and <a_b a_bᵀ, g_b g_bᵀ> in general (ghost
+norms), or ||a_bᵀ g_b||² from the instantiated per-example gradient, per
+layer whichever costs fewer FLOPs (P·(D + O) against D·O: "mixed ghost
+clipping"); the bias gradient is Σ_p g_bp. A convolution is a dense layer on
+its unfolded input patches, and is computed so during the DP forward pass.
+The g_b come from one backward pass to zero perturbations added to each
+layer's output (flax method interception, so models need no hooks). The
+clipped sum of weight gradients is then Σ_b w_b a_bᵀ g_b with
+w_b = min(1, C/||grad_b||): one matrix product per layer with the
+reweighted g and the forward pass's a, so a DP step costs about one plain
+step. `nn.Embed` and `nn.LayerNorm` layers are covered too (see
+`_per_example_norm_sq`; their clipped sum is the layer's VJP at the
+reweighted g), so a transformer needs no fallback. Parameters outside these
+layers (or in layers called in unsupported ways) fall back to per-example
+gradients by `vmap(grad)`, for those parameters only. Both paths
 assume each example's output depends on that example alone (no batch norm) and
 that a covered layer's parameters are used only through its `__call__`.
 
@@ -46,6 +49,7 @@ truncation, which the sampler below does not do.)
 
 import dataclasses
 import functools
+import itertools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple
@@ -348,8 +352,10 @@ def _supported(module: nn.Module, inputs: jax.Array, batch: int,
   if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
     return True
   rank = len(_as_tuple(module.kernel_size, 1))
-  return (rank <= 3 and inputs.ndim == rank + 2 and
-          module.feature_group_count == 1 and
+  undilated = all(d == 1 for d in (*_as_tuple(module.input_dilation, rank),
+                                   *_as_tuple(module.kernel_dilation, rank)))
+  return (rank <= 3 and inputs.ndim == rank + 2 and undilated and
+          module.feature_group_count == 1 and module.shared_weights and
           module.mask is None and _conv_padding(module, rank) is not None)
 
 
@@ -359,7 +365,11 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
 
   The i-th such call's output gets `perturbs[i]` added, so the gradient with
   respect to `perturbs` is the loss gradient with respect to layer outputs.
-  Appends one `_Call` per call to `calls`.
+  Appends one `_Call` per call to `calls`. A supported convolution is
+  computed as its input patches times the kernel, and its recorded input is
+  those patches (see `_unfold`): its backward pass is then matrix products
+  and slices, which XLA:CPU runs at matmul speed inside loops and under
+  `vmap`, where its convolution gradients are ~10x slower or worse.
   """
   inputs, outputs = [], []
 
@@ -368,16 +378,21 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
     if (context.method_name != "__call__" or
         type(module) not in (nn.Dense, nn.Conv) + _PER_EXAMPLE_LAYERS):
       return next_fun(*args, **kwargs)
-    out = next_fun(*args, **kwargs)
+    layer_input = args[0] if args else kwargs["inputs"]
+    supported = _supported(module, layer_input, x.shape[0], kwargs)
+    if supported and type(module) is nn.Conv:  # pylint: disable=unidiomatic-typecheck
+      layer_input = _unfold(module, layer_input)
+      kernel = module.get_variable("params", "kernel")
+      out = jnp.einsum("b...d,do->b...o", layer_input,
+                       kernel.reshape(-1, kernel.shape[-1]))
+      if module.use_bias:
+        bias = module.get_variable("params", "bias")
+        out = out + bias.reshape((1,) * (out.ndim - 1) + bias.shape)
+    else:
+      out = next_fun(*args, **kwargs)
     if perturbs is not None:
       out = out + perturbs[len(outputs)]
-    layer_input = args[0] if args else kwargs["inputs"]
-    # The copy re-applies the layer for the clipped VJP: at full precision
-    # (embeddings and LayerNorms have no matmul precision to set).
-    full = {"precision": _FULL} if type(module) in (nn.Dense, nn.Conv) else {}
-    copy = module.clone(parent=None, **full)
-    calls.append(_Call(module.path, copy,
-                       _supported(module, layer_input, x.shape[0], kwargs)))
+    calls.append(_Call(module.path, module.clone(parent=None), supported))
     inputs.append(layer_input)
     outputs.append(out)
     return out
@@ -387,22 +402,27 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
   return logits, inputs, outputs
 
 
-def _unfold(module: nn.Module, inputs: jax.Array) -> jax.Array:
-  """A layer's input as `[B, P, D]`: positions x features meeting the kernel."""
-  batch = inputs.shape[0]
-  if type(module) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
-    return inputs.reshape(batch, -1, inputs.shape[-1])
+def _unfold(module: nn.Conv, inputs: jax.Array) -> jax.Array:
+  """A convolution's input patches `[B, *out_spatial, D]`.
+
+  Features in the kernel's order (offsets, then channels), so the
+  convolution is these patches times the kernel reshaped to `[D, O]`. Built
+  from strided slices: their gradient is padding and adding, fast anywhere,
+  where `lax.conv_general_dilated_patches` is a grouped convolution.
+  """
   kernel = _as_tuple(module.kernel_size, 1)
   rank = len(kernel)
-  spatial = "DHW"[-rank:]
-  patches = jax.lax.conv_general_dilated_patches(
-      inputs, kernel, _as_tuple(module.strides, rank),
-      _conv_padding(module, rank),
-      lhs_dilation=_as_tuple(module.input_dilation, rank),
-      rhs_dilation=_as_tuple(module.kernel_dilation, rank),
-      dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
-      precision=_FULL)
-  return patches.reshape(batch, -1, patches.shape[-1])
+  strides = _as_tuple(module.strides, rank)
+  padding = _conv_padding(module, rank)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(inputs.shape[1:-1], kernel, strides,
+                                      padding)
+  x = jnp.pad(inputs, ((0, 0), *padding, (0, 0)))
+  out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], kernel, strides)]
+  return jnp.concatenate([
+      x[(slice(None),) + tuple(slice(o, o + s * (n - 1) + 1, s)
+                               for o, s, n in zip(offsets, strides, out))]
+      for offsets in itertools.product(*map(range, kernel))], -1)
 
 
 def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
@@ -461,7 +481,8 @@ def _per_example_norm_sq(module: nn.Module, layer_params: PyTree,
         [g.reshape(batch, -1, g.shape[-1]) for g in g_outputs],
         1).astype(jnp.float32)
     same_BxPxP = ids_BxP[:, :, None] == ids_BxP[:, None, :]
-    gram_BxPxP = jnp.einsum("bpd,bqd->bpq", g_BxPxD, g_BxPxD)
+    gram_BxPxP = jnp.einsum("bpd,bqd->bpq", g_BxPxD, g_BxPxD,
+                            precision=_FULL)
     return jnp.sum(jnp.where(same_BxPxP, gram_BxPxP, 0), (1, 2))
 
   def grads_one(x_one, g_one):
@@ -528,6 +549,7 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
       by_path.setdefault(c.path, []).append(i)
 
   norm_sq_B = jnp.zeros(batch, jnp.float32)
+  a_g = {}  # path -> (a `[B, P, D]`, g `[B, P, O]`)
   for path, idx in by_path.items():
     module = calls[idx[0]].module
     if type(module) in _PER_EXAMPLE_LAYERS:
@@ -537,11 +559,10 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
       continue
     # Calls of one layer share its weights: their positions add up. Norms
     # in float32 whatever the compute dtype: clipping must be exact.
-    a = jnp.concatenate([_unfold(module, inputs[i]) for i in idx],
-                        1).astype(jnp.float32)
-    g = jnp.concatenate(
-        [g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1]) for i in idx],
-        1).astype(jnp.float32)
+    a, g = (jnp.concatenate([t[i].reshape(batch, -1, t[i].shape[-1])
+                             for i in idx], 1).astype(jnp.float32)
+            for t in (inputs, g_outputs))
+    a_g[path] = a, g
     norm_sq_B += _kernel_norm_sq(a, g)
     if module.use_bias:
       norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
@@ -568,12 +589,22 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
 
   grads = {k: jnp.tensordot(weight_B, g, 1, precision=_FULL)
            for k, g in rest_grads_B.items()}
+  for path, (a, g) in a_g.items():
+    name = ("params",) + path
+    # Σ_b w_b a_bᵀ g_b, from the forward pass's a and the reweighted g.
+    g = g * weight_B[:, None, None]
+    grads[name + ("kernel",)] = jnp.einsum(
+        "bpd,bpo->do", a, g, precision=_FULL).reshape(
+            flat[name + ("kernel",)].shape)
+    if calls[by_path[path][0]].module.use_bias:
+      grads[name + ("bias",)] = g.sum((0, 1))
   for path, idx in by_path.items():
-    layer_params = _layer_params(params, path)
-    # Σ_b w_b a_bᵀ g_b is the layer's own VJP at the reweighted g.
+    if path in a_g:
+      continue
+    # An embedding's or LayerNorm's clipped sum: its VJP at the reweighted g.
     layer_grads = [
         jax.vjp(lambda p, i=i: calls[i].module.apply({"params": p}, inputs[i]),
-                layer_params)[1](
+                _layer_params(params, path))[1](
                     (g_outputs[i] * weight_B.reshape(
                         (batch,) + (1,) * (g_outputs[i].ndim - 1))).astype(
                             g_outputs[i].dtype))[0]

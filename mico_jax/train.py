@@ -10,6 +10,7 @@ that list plus a mask, so batch shapes stay static and nothing recompiles.
 """
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple, Protocol
@@ -211,9 +212,15 @@ class Trainer:
       grads)` for the batch `x_N[idx_B]` (it gathers the rows itself, so it
       can skip masked ones); plain mean gradient by default, DP-SGD's clipped
       noisy sum otherwise.
-    unroll: unroll the steps of each `run` instead of looping. XLA's CPU
-      backend runs convolutions inside a loop ~15x slower than outside one, so
-      CNNs on CPU want this (at the price of compile time); elsewhere leave it.
+    unroll: unroll the steps of each `run` instead of looping (at the price
+      of compile time). Speed only.
+    model_group: models stepped together by `vmap`; the groups run one after
+      another (`lax.map`). None: all K on accelerators; on CPU one model per
+      device (so a sharded models axis stays sharded). XLA:CPU runs a
+      convolution vmapped over models ~10x slower than one model's, and
+      inside a loop slower still; one model at a time, its convolutions
+      (and everything else) run at full speed, so K models cost K times one.
+      Must divide K (else all K together).
   """
 
   model: nn.Module
@@ -221,6 +228,7 @@ class Trainer:
   sampler: Sampler
   gradient_fn: GradientFn = mean_gradient
   unroll: bool = False
+  model_group: int | None = None
 
   def init(self, key_K: jax.Array, example_x: jax.Array) -> TrainState:
     """Initial state for K models; `example_x` is one input `[...]`."""
@@ -244,25 +252,61 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, sampler_state, loss
 
+  def _group_size(self, num_models: int) -> int:
+    group = self.model_group
+    if group is None:
+      group = (math.gcd(num_models, jax.device_count())
+               if jax.default_backend() == "cpu" else num_models)
+    return group if num_models % group == 0 else num_models
+
   @jax.jit(static_argnames=("self", "num_steps"))
   def run(self, state: TrainState, train_KxT: jax.Array, x_N: jax.Array,
           y_N: jax.Array, num_steps: int) -> tuple[TrainState, jax.Array]:
     """Advances all K models by `num_steps`; returns (state, mean loss [K])."""
-    step_all = jax.vmap(self._one_step,
-                        in_axes=(0, 0, 0, 0, 0, None, None, None))
+    num_models = train_KxT.shape[0]
+    group = self._group_size(num_models)
+    vmapped = jax.vmap(self._one_step,
+                       in_axes=(0, 0, 0, 0, 0, None, None, None))
 
-    def body(carry, _):
-      params, opt_state, sampler_state, step = carry
-      params, opt_state, sampler_state, loss_K = step_all(
-          params, opt_state, sampler_state, state.key_K, train_KxT, step, x_N,
-          y_N)
-      return (params, opt_state, sampler_state, step + 1), loss_K
+    def step_group(params, opt_state, sampler_state, key_G, train_GxT, step):
+      models = (params, opt_state, sampler_state, key_G, train_GxT)
+      if group > 1:
+        return vmapped(*models, step, x_N, y_N)
+      # One model: no vmap at all (a vmapped convolution is slow on CPU).
+      one = self._one_step(*jax.tree.map(lambda v: v[0], models), step, x_N,
+                           y_N)
+      return jax.tree.map(lambda v: v[None], one)
 
-    carry = (state.params, state.opt_state, state.sampler_state, state.step)
-    (params, opt_state, sampler_state, step), loss_SxK = jax.lax.scan(
-        body, carry, length=num_steps, unroll=self.unroll)
-    return (TrainState(params, opt_state, sampler_state, state.key_K, step),
-            loss_SxK.mean(0))
+    def run_group(models):
+      """`num_steps` steps of one group: leaves lead with its models."""
+      params, opt_state, sampler_state, key_G, train_GxT = models
+
+      def body(carry, _):
+        params, opt_state, sampler_state, step = carry
+        params, opt_state, sampler_state, loss_G = step_group(
+            params, opt_state, sampler_state, key_G, train_GxT, step)
+        return (params, opt_state, sampler_state, step + 1), loss_G
+
+      (params, opt_state, sampler_state, _), loss_SxG = jax.lax.scan(
+          body, (params, opt_state, sampler_state, state.step),
+          length=num_steps, unroll=self.unroll)
+      return (params, opt_state, sampler_state), loss_SxG.mean(0)
+
+    models = (state.params, state.opt_state, state.sampler_state, state.key_K,
+              train_KxT)
+    if group == num_models:
+      (params, opt_state, sampler_state), loss_K = run_group(models)
+    else:
+      # Group j holds models j, j + K/G, ...: with K sharded over G devices
+      # in blocks, one model of each device.
+      split = lambda v: jnp.swapaxes(
+          v.reshape(group, num_models // group, *v.shape[1:]), 0, 1)
+      merge = lambda v: jnp.swapaxes(v, 0, 1).reshape(num_models,
+                                                      *v.shape[2:])
+      (params, opt_state, sampler_state), loss_K = jax.tree.map(
+          merge, jax.lax.map(run_group, jax.tree.map(split, models)))
+    return (TrainState(params, opt_state, sampler_state, state.key_K,
+                       state.step + num_steps), loss_K)
 
 
 def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,

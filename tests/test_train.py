@@ -1,11 +1,13 @@
 """K models trained together equal each trained alone; sampling and schedules."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mico_jax import challenge, data, models, pipeline, train
+from mico_jax import challenge, data, dp, models, pipeline, train
 
 N, n, m = 400, 160, 20
 
@@ -48,6 +50,30 @@ def test_unrolled_training_equals_looped_training(setup):
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
       looped, unrolled)
+
+
+def test_model_groups_equal_all_models_vmapped_together():
+  # 4 DP-SGD CNNs (the conv layers take the patches path) stepped one at a
+  # time (`lax.map`, no vmap) and all four in one vmap: the same models.
+  rng = np.random.default_rng(1)
+  x_N = jnp.asarray(rng.normal(size=(40, 16, 16, 3)), jnp.float32)
+  y_N = jnp.asarray(rng.integers(0, 3, 40), jnp.int32)
+  config = train.TrainConfig("sgd", 0.5, batch_size=8, epochs=2,
+                             dp=dp.DPConfig(10.0))
+  base = pipeline.make_trainer(models.CNN(3, (4, 6, 6)), config, 30)
+  keys = train.model_keys(np.arange(12).reshape(4, 3))
+  train_KxT = jnp.asarray(np.stack([rng.permutation(40)[:30]
+                                    for _ in range(4)]), jnp.int32)
+  results = []
+  for group in (1, 4):
+    trainer = dataclasses.replace(base, model_group=group)
+    state = trainer.init(keys, x_N[0])
+    state, loss_K = trainer.run(state, train_KxT, x_N, y_N, 3)
+    results.append((state.params, loss_K))
+  for other in results[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                         atol=1e-6),
+                 results[0], other)
 
 
 def test_training_reduces_loss_and_resumes_mid_run(setup):
