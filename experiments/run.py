@@ -98,8 +98,12 @@ _TRAINING_SEED = flags.DEFINE_integer(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Output folder.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the recipe's epochs.",
                                lower_bound=1)
-_ATTACKS = flags.DEFINE_list("attacks", list(attacks.ATTACKS),
-                             "Attacks to run.")
+# The published attacks by default (quick); the whole suite, with the
+# engine's selected and combined attacks, on request.
+_ATTACKS = flags.DEFINE_list(
+    "attacks", ["loss", "lira_offline", "lira_online", "lira_online_reference",
+                "rmia_online"],
+    f"Attacks to run, of: {', '.join(attacks.ATTACKS)}.")
 _SUBMIT = flags.DEFINE_string(
     "submit_attack", "lira_online",
     "Attack whose scores become prediction.csv in the bundle.")
