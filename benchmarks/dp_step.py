@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mico_jax import dp, models, pipeline, train
+from benchmarks.vs_reference import matmul_peak
 
 
 def _parse():
@@ -43,19 +44,6 @@ def _parse():
   parser.add_argument("--repeats", type=int, default=5,
                       help="timed runs of each kind; the fastest counts")
   return parser.parse_args()
-
-
-def _matmul_peak(repeats: int, size: int = 2048) -> float:
-  """FLOP/s of a jitted float32 matmul: this machine's practical peak."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
-  matmul = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(matmul(a))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
 
 
 def _without_noise(gradient: dp.DPGradient) -> train.GradientFn:
@@ -127,7 +115,7 @@ def main():
       "ghost_small": _prepare(ghost, k_naive, x_N, y_N, args),
       "naive": _prepare(naive, k_naive, x_N, y_N, args),
   }
-  peak = _matmul_peak(args.repeats)
+  peak = matmul_peak(args.repeats)
   secs = _seconds_per_step(runs, args)
   t_plain, t_padded, t_ghost, t_noiseless, t_ghost_small, t_naive = (
       secs[name] for name in runs)
