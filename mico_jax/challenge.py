@@ -285,6 +285,19 @@ def _read_int(path: str) -> int:
     raise ChallengeError(f"{path}: cannot read an integer seed ({e})") from e
 
 
+def model_folders(scenario_root: str) -> list[tuple[int, str, str]]:
+  """`(i, phase, path)` of every `<phase>/model_<i>` folder, sorted by i."""
+  found = []
+  for phase in PHASES:
+    folder = os.path.join(scenario_root, phase)
+    if not os.path.isdir(folder):
+      continue
+    for name in os.listdir(folder):
+      if name.startswith("model_") and name[6:].isdigit():
+        found.append((int(name[6:]), phase, os.path.join(folder, name)))
+  return sorted(found)
+
+
 def read_bundle(root: str, scenario: str, pool_size: int, len_training: int,
                 len_challenge: int) -> tuple[Challenge, np.ndarray | None]:
   """Reads a scenario written by `write_bundle` (or MICO with all seeds).
@@ -292,17 +305,9 @@ def read_bundle(root: str, scenario: str, pool_size: int, len_training: int,
   Returns the rebuilt challenge and the predictions `[K, 2m]` if every model
   has a `prediction.csv` (else None).
   """
-  models = []
-  for phase in PHASES:
-    folder = os.path.join(root, scenario, phase)
-    if not os.path.isdir(folder):
-      continue
-    for name in os.listdir(folder):
-      if name.startswith("model_") and name[6:].isdigit():
-        models.append((int(name[6:]), phase, os.path.join(folder, name)))
+  models = model_folders(os.path.join(root, scenario))
   if not models:
     raise ChallengeError(f"no model_<i> folders under {root}/{scenario}")
-  models.sort()
   seeds = [[_read_int(os.path.join(path, s)) for s in SEED_FILES]
            for _, _, path in models]
   challenge = make_challenge(pool_size, len_training, len_challenge,

@@ -114,17 +114,10 @@ def _read_seed(path: str) -> int:
 
 
 def _model_folders(root: str) -> list[tuple[int, str, str]]:
-  found = []
-  for phase in challenge_lib.PHASES:
-    folder = os.path.join(root, phase)
-    if not os.path.isdir(folder):
-      continue
-    for name in os.listdir(folder):
-      if name.startswith("model_") and name[6:].isdigit():
-        found.append((int(name[6:]), phase, os.path.join(folder, name)))
+  found = challenge_lib.model_folders(root)
   if not found:
     raise MicoIOError(f"{root}: no {{train,dev,final}}/model_<i> folders")
-  return sorted(found)
+  return found
 
 
 def read_scenario(root: str, scenario: str, pool_size: int, len_training: int,
