@@ -58,7 +58,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from mico_jax import attacks, audit, challenge, checkpoint, data, dp
+from mico_jax import attacks, audit, challenge, checkpoint, data, ddp, dp
 from mico_jax import parallel, report, scoring, stats, workdir
 from mico_jax.attacks.shadows import MIN_SHADOWS_FOR_VARIANCE
 from mico_jax.pipeline import Execution, run_scenario
@@ -69,7 +69,9 @@ from mico_jax.train import TrainConfig
 _TASK = flags.DEFINE_enum("task", "digits", sorted(TASKS), "MICO task to run.")
 _SCENARIOS = flags.DEFINE_list(
     "scenario", ["inf"], "Scenarios to run, comma-separated: inf (no DP),"
-    " hi (epsilon 10), lo (epsilon 4), where the task defines them.")
+    " hi (epsilon 10), lo (epsilon 4), where the task defines them; ddp (the"
+    " DP-distinguisher track: lo, with per-target reference models, see"
+    " --ddp_references) where it defines lo.")
 _NUM_MODELS = flags.DEFINE_integer(
     "num_models", None, "Models per scenario (each is a target and a shadow);"
     " default: the task's.", lower_bound=2)
@@ -121,6 +123,11 @@ _CANARIES = flags.DEFINE_integer(
     "canaries", 0, "Relabel this many pool points (chosen by --seed) with a"
     " wrong label: canaries, worst-case trials for the DP audit, which reports"
     " them apart from the natural challenge points.", lower_bound=0)
+_DDP_REFERENCES = flags.DEFINE_integer(
+    "ddp_references", 8, "Scenario ddp: reference models per target, each"
+    " trained on the target's revealed training set plus half of its"
+    " challenge points (complementary pairs: each challenge point IN for half"
+    " of them); all targets' references train together.", lower_bound=2)
 _QUERY_SHIFT = flags.DEFINE_integer(
     "query_shift", 1, "Pixels of the shifted image queries (0: none).",
     lower_bound=0)
@@ -208,11 +215,16 @@ def _validate(log: Log = print) -> Plan:
   if _PRETRAINED_DIR.value is not None:
     task = with_pretrained(task, _PRETRAINED_DIR.value)
   scenarios = _SCENARIOS.value
-  unknown = [s for s in scenarios if s not in task.scenarios]
+  known = sorted(task.scenarios) + ([ddp.SCENARIO] if ddp.RECIPE in
+                                    task.scenarios else [])
+  unknown = [s for s in scenarios if s not in known]
   if unknown or not scenarios:
-    raise UserError(f"--scenario: task {task.name} has scenarios"
-                    f" {sorted(task.scenarios)}, got {scenarios}")
+    raise UserError(f"--scenario: task {task.name} has scenarios {known},"
+                    f" got {scenarios}")
   _refuse_duplicates("scenario", scenarios)
+  if _present("ddp_references") and ddp.SCENARIO not in scenarios:
+    raise UserError(f"--ddp_references: only --scenario={ddp.SCENARIO} trains"
+                    " reference models")
   unknown = [a for a in _ATTACKS.value if a not in attacks.ATTACKS]
   if unknown or not _ATTACKS.value:
     raise UserError(f"--attacks must name some of {sorted(attacks.ATTACKS)},"
@@ -262,7 +274,8 @@ def _validate(log: Log = print) -> Plan:
 
 def _scenario_config(task: Task, scenario: str, log: Log) -> TrainConfig:
   """The scenario's recipe with the flags applied; DP calibrated (cached)."""
-  config = task.scenarios[scenario]
+  config = task.scenarios[ddp.RECIPE if scenario == ddp.SCENARIO
+                          else scenario]
   if _EPOCHS.value:
     config = dataclasses.replace(config, epochs=_EPOCHS.value)
   if config.dp is None:
@@ -321,6 +334,8 @@ def _identity(plan: Plan) -> dict[str, object]:
       "len_challenge": plan.task.len_challenge,
       "query_shift": _QUERY_SHIFT.value, "scenarios": list(plan.configs),
       "canaries": _CANARIES.value, "training_seed": _TRAINING_SEED.value,
+      "ddp_references": (_DDP_REFERENCES.value if ddp.SCENARIO in plan.configs
+                         else None),
       "pretrained_dir": (_PRETRAINED_DIR.value and
                          os.path.abspath(_PRETRAINED_DIR.value)),
       "data_dir": _DATA_DIR.value and os.path.abspath(_DATA_DIR.value)}
@@ -383,6 +398,34 @@ def _audit(result, canary_N, log) -> dict:
   return report
 
 
+def _ddp_references(result, plan, config, dataset, queries, execution, root,
+                    log):
+  """Trains each target's references and adds the DDP attacks' scores.
+
+  Returns the result with the `ddp_*` scores and metrics beside the plain
+  attacks', and a note for the report.
+  """
+  refs = ddp.reference_challenge(result.challenge, _DDP_REFERENCES.value,
+                                 _SEED.value)
+  log(f"[{ddp.SCENARIO}] training {refs.num_models} reference models"
+      f" ({_DDP_REFERENCES.value} per target) on the targets' revealed"
+      " training sets")
+  start = time.perf_counter()
+  model = plan.task.make_model(dataset.num_classes)
+  ref_stats = ddp.observe_references(
+      model, config, dataset, refs, queries, execution, log,
+      _training_seed(os.path.join(root, ddp.SCENARIO)))
+  scores = ddp.reference_scores(result.challenge, result.stats.stat_KxNxA,
+                                refs, ref_stats.stat_KxNxA)
+  log(f"[{ddp.SCENARIO}] references and DDP attacks done in"
+      f" {time.perf_counter() - start:.1f}s")
+  scores = {**result.scores_KxC, **scores}
+  metrics = scoring.score_phases(result.challenge.member_KxC, scores,
+                                 result.challenge.phases)
+  return (dataclasses.replace(result, scores_KxC=scores, metrics=metrics),
+          ddp.coverage(refs, result.challenge.num_models))
+
+
 def _write_models_csv(path, result):
   train_acc, eval_acc = result.accuracy()
   with open(path, "w") as f:
@@ -436,6 +479,11 @@ def run(plan: Plan, folder: workdir.Workdir | None, log: Log = print) -> dict:
                           _ATTACKS.value, queries, _SHADOWS.value, log,
                           execution,
                           _training_seed(os.path.join(root, scenario)))
+    notes = [attacks.shadow_coverage(result.observations)]
+    if scenario == ddp.SCENARIO:
+      result, note = _ddp_references(result, plan, config, dataset, queries,
+                                     execution, root, log)
+      notes.append(note)
     all_scores[scenario] = dict(result.metrics)
     if result.mechanism is not None:
       all_scores[scenario]["audit"] = _audit(result, canary_N, log)
@@ -464,7 +512,6 @@ def run(plan: Plan, folder: workdir.Workdir | None, log: Log = print) -> dict:
                            result.challenge, predictions, result.epsilon_K)
     panels[scenario] = {name: (result.challenge.member_KxC, s)
                         for name, s in result.scores_KxC.items()}
-    notes = [attacks.shadow_coverage(result.observations)]
     if "selected" in result.scores_KxC:
       notes += ["selected: " + line for line in attacks.select_lib.selection(
           result.observations).describe().splitlines()]
