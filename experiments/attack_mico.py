@@ -10,7 +10,11 @@ the pool, every attack scores its challenge points. Shadows (`--shadows`):
 `provided` = the revealed `train` models (a train model scored as a target is
 left out of its own shadows), `fresh` = `--fresh_shadows` models trained here
 to the task's MICO recipe, each with every challenge point of every target IN
-with probability 1/2 and exactly n training points, or `both`.
+with probability 1/2 and exactly n training points, or `both`. For
+`<task>_ddp`, whose models all reveal `seed_training`, the `ddp_*` attacks
+score each target also by `--ddp_references` reference models trained (to the
+`lo` recipe) on its revealed training set plus half of its challenge points
+(`mico_jax.ddp`), beside the plain attacks.
 
 Writes, under --workdir:
   submission.zip       MICO's layout: <task>/<task>_<s>/{dev,final}/model_<i>/
@@ -38,7 +42,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from mico_jax import attacks, challenge, checkpoint, data, dp, mico_io
+from mico_jax import attacks, challenge, checkpoint, data, ddp, dp, mico_io
 from mico_jax import pipeline, report, scoring, stats
 from mico_jax.tasks import TASKS
 
@@ -69,6 +73,9 @@ _ATTACKS = flags.DEFINE_list("attacks", list(attacks.ATTACKS),
                              "Attacks to run.")
 _SUBMIT = flags.DEFINE_string(
     "submit_attack", "lira_online", "Attack whose scores are submitted.")
+_DDP_REFERENCES = flags.DEFINE_integer(
+    "ddp_references", 8, "<task>_ddp: reference models per target on its"
+    " revealed training set (see experiments.run --helpfull).", lower_bound=2)
 _WAVE_SIZE = flags.DEFINE_integer(
     "wave_size", None, "Fresh shadows trained at once (default: the task's).",
     lower_bound=0)
@@ -157,6 +164,35 @@ def recipe_check(release, target_stats, shadow_challenge, shadow_stats):
   return lines
 
 
+def ddp_scores(task, release, model, dataset, queries, target_stats, workdir,
+               log):
+  """DDP: every target scored by references on its revealed training set.
+
+  Returns `{ddp_<attack>: score_KxC}` and a line describing the references.
+  """
+  hidden = [f for f in release.folders
+            if not os.path.exists(os.path.join(f, "seed_training"))]
+  if hidden:
+    raise UserError(f"{hidden[0]}: no seed_training: the DDP attacks need"
+                    " every model's training set revealed")
+  config = task.scenarios[ddp.RECIPE]
+  if _EPOCHS.value:
+    config = dataclasses.replace(config, epochs=_EPOCHS.value)
+  refs = ddp.reference_challenge(release.challenge, _DDP_REFERENCES.value,
+                                 _SEED.value)
+  log(f"[{release.name}] {refs.num_models} DDP references"
+      f" ({_DDP_REFERENCES.value} per target)")
+  execution = pipeline.Execution(
+      wave_size=task.wave_size if _WAVE_SIZE.value is None
+      else _WAVE_SIZE.value, directory=os.path.join(workdir, release.scenario),
+      unroll=task.unroll)
+  ref_stats = ddp.observe_references(model, config, dataset, refs, queries,
+                                     execution, log)
+  return (ddp.reference_scores(release.challenge, target_stats.stat_KxNxA,
+                               refs, ref_stats.stat_KxNxA),
+          ddp.coverage(refs, release.challenge.num_models))
+
+
 @dataclasses.dataclass
 class ScenarioOutcome:
   release: mico_io.ScenarioRelease
@@ -181,6 +217,9 @@ def attack_scenario(task, scenario, folder, dataset, queries, workdir,
   log(f"[{release.name}] statistics of {len(release.folders)} targets on"
       f" {len(dataset)} points x {len(queries)} queries")
   target_stats = pipeline.observe(model, params, dataset, queries)
+  ddp_only, ddp_note = (ddp_scores(task, release, model, dataset, queries,
+                                   target_stats, workdir, log)
+                        if scenario == ddp.SCENARIO else ({}, None))
   num_targets = release.challenge.num_models
   mode = _SHADOWS.value or ("fresh" if _FRESH.value else "provided")
   stat, loss, keep = (target_stats.stat_KxNxA, target_stats.loss_KxNxA,
@@ -226,6 +265,7 @@ def attack_scenario(task, scenario, folder, dataset, queries, workdir,
   observations = attacks.Observations(stat, loss, keep, shadow_K)
   scores = pipeline.attack_scores(observations, release.challenge,
                                   _ATTACKS.value)
+  scores.update(ddp_only)
   metrics = {}
   for phase in challenge.PHASES:
     rows = np.flatnonzero((np.array(release.phases) == phase) &
@@ -237,7 +277,8 @@ def attack_scenario(task, scenario, folder, dataset, queries, workdir,
   shadows = {"provided": f"{provided_K.sum()} provided train models",
              "fresh": f"{_FRESH.value} fresh shadows",
              "both": f"{provided_K.sum()} provided + {_FRESH.value} fresh"}
-  return ScenarioOutcome(release, scores, metrics, shadows[mode], check)
+  return ScenarioOutcome(release, scores, metrics, shadows[mode] + (
+      f"; {ddp_note}" if ddp_note else ""), check)
 
 
 def write_report(path, task, outcomes, seconds):
