@@ -93,6 +93,7 @@ def _main(*args):
     (["--epsilon=0"], ["--epsilon", "--scenario=inf has none"]),
     (["--epsilon=3", "--delta=1e-6"], ["--epsilon, --delta", "has none"]),
     (["--data_dir=."], ["--data_dir", "digits", "reads no files"]),
+    (["--ddp_references=4"], ["--ddp_references", "--scenario=ddp"]),
 ])
 def test_bad_flags_get_one_line_before_any_work(args, words, tmp_path,
                                                  capfd):
