@@ -1,0 +1,97 @@
+r"""DDP attacks against a reference budget: the same targets, 2 to R references.
+
+  python -m experiments.ddp_budget --task=location --workdir=WORKDIR \
+      --references=8 --budgets=2,4,8
+
+Reuses the statistics a `python -m experiments.run --scenario=ddp
+--ddp_references=R` run saved under `WORKDIR/ddp/trained/` (never trains;
+same --seed, --num_models and sizes as that run). For each budget b, every
+target keeps its first b references (whole complementary pairs for an even
+b, so each challenge point stays IN for exactly b/2). Prints a Markdown table
+of TPR@10%FPR, TPR@1%FPR and AUC over all targets pooled, per DDP attack and
+budget, beside the run's plain attacks (scores.json), and writes the numbers
+to `WORKDIR/ddp/ddp_budget.json`.
+"""
+
+import glob
+import json
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from mico_jax import challenge, ddp, scoring
+from mico_jax.tasks import TASKS
+
+_TASK = flags.DEFINE_enum("task", "location", sorted(TASKS), "MICO task.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The main job's --workdir.",
+                               required=True)
+_NUM_MODELS = flags.DEFINE_integer("num_models", None, "As the main job's.")
+_SEED = flags.DEFINE_integer("seed", 0, "As the main job's.")
+_REFERENCES = flags.DEFINE_integer("references", 8,
+                                   "The run's --ddp_references.")
+_BUDGETS = flags.DEFINE_list("budgets", ["2", "4", "8"], "Reference counts.")
+
+_METRICS = (("TPR_FPR_1000", "TPR@10%"), ("TPR_FPR_100", "TPR@1%"),
+            ("AUC", "AUC"))
+
+
+def _stat(folder: str, prefix: str) -> np.ndarray:
+  """`stat_KxNxA` of the saved waves `<prefix>_<a>-<b>.npz`, in order."""
+  paths = glob.glob(os.path.join(folder, f"{prefix}_*.npz"))
+  first = lambda p: int(re.search(r"_(\d+)-\d+\.npz$", p).group(1))
+  if not paths:
+    sys.exit(f"error: no {prefix}_*.npz under {folder}")
+  stats = []
+  for path in sorted(paths, key=first):
+    with np.load(path) as f:
+      stats.append(f["stat_KxNxA"])
+  return np.concatenate(stats)
+
+
+def main(argv):
+  del argv
+  task = TASKS[_TASK.value]
+  folder = os.path.join(_WORKDIR.value, ddp.SCENARIO)
+  target_stat = _stat(os.path.join(folder, "trained"), "models")
+  ref_stat = _stat(os.path.join(folder, "trained"), "references")
+  num_models = _NUM_MODELS.value or task.default_models
+  targets = challenge.make_challenge(
+      target_stat.shape[1], task.len_training, task.len_challenge,
+      challenge.make_seeds(_SEED.value, num_models))
+  refs = ddp.reference_challenge(targets, _REFERENCES.value, _SEED.value)
+  if len(ref_stat) != refs.num_models or len(target_stat) != num_models:
+    sys.exit(f"error: {len(target_stat)} targets and {len(ref_stat)}"
+             f" references saved, expected {num_models} and"
+             f" {refs.num_models}: other flags than the run's?")
+  r = _REFERENCES.value
+  table = {}
+  for budget in map(int, _BUDGETS.value):
+    rows = (np.arange(num_models)[:, None] * r + np.arange(budget)).ravel()
+    scores = ddp.reference_scores(targets, target_stat, refs.select(rows),
+                                  ref_stat[rows])
+    for name, s in scores.items():
+      table.setdefault(name, {})[budget] = scoring.score(targets.member_KxC, s)
+  with open(os.path.join(_WORKDIR.value, "scores.json")) as f:
+    plain = json.load(f)[ddp.SCENARIO]["all"]
+  budgets = list(map(int, _BUDGETS.value))
+  print("| attack | " + " | ".join(
+      f"{label} R={b}" for b in budgets for _, label in _METRICS) + " |")
+  print("|---|" + "---|" * (len(budgets) * len(_METRICS)))
+  for name, per_budget in table.items():
+    print(f"| {name} | " + " | ".join(
+        f"{per_budget[b][key]:.4f}" for b in budgets for key, _ in _METRICS)
+          + " |")
+  for name, m in plain.items():
+    if not name.startswith(ddp.ddp_attacks.PREFIX):
+      print(f"| {name} (plain, {num_models - 1} shadows) | " + " | ".join(
+          f"{m[key]:.4f}" for _ in budgets for key, _ in _METRICS) + " |")
+  with open(os.path.join(folder, "ddp_budget.json"), "w") as f:
+    json.dump({"budgets": budgets, "ddp": table, "plain": plain}, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
