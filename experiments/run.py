@@ -15,8 +15,9 @@ writes, under --workdir:
   <scenario>/checkpoints/     orbax training states (every
                               --checkpoint_minutes, --checkpoint_every steps,
                               at the end and on Ctrl-C); a rerun resumes
-  <scenario>/trained/         final params and statistics (npz); a rerun
-                              with the same configuration reuses them
+  <scenario>/trained/         final params and statistics (npz; ddp: the
+                              reference models' too); a rerun with the same
+                              configuration reuses them
   <scenario>/training_seed    the secret seed of the training randomness
                               (init, data order, DP noise and sampling):
                               private, never in bundle/; a rerun reuses it
