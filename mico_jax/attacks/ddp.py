@@ -51,9 +51,9 @@ def check(stat_TxNxA: np.ndarray, ref_stat_TxRxNxA: np.ndarray,
     raise ObservationError("DDP: every target needs at least 1 reference model")
   for name, value in (("stat", stat_TxNxA), ("reference stat",
                                              ref_stat_TxRxNxA)):
-    if not np.isfinite(value).all():
-      raise ObservationError(f"DDP: {name} has {int((~np.isfinite(value)).sum())}"
-                             " non-finite values")
+    bad = int((~np.isfinite(value)).sum())
+    if bad:
+      raise ObservationError(f"DDP: {name} has {bad} non-finite values")
 
 
 def _per_target(attack: Callable[[Observations], jax.Array]):
