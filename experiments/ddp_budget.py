@@ -11,6 +11,12 @@ b, so each challenge point stays IN for exactly b/2). Prints a Markdown table
 of TPR@10%FPR, TPR@1%FPR and AUC over all targets pooled, per DDP attack and
 budget, beside the run's plain attacks (scores.json), and writes the numbers
 to `WORKDIR/ddp/ddp_budget.json`.
+
+Also why: the spread of each target's statistic on its non-member challenge
+points around their OUT mean, by its R references (twins but for the
+challenge) and by the other targets as plain shadows, less the spread the
+mean's own estimation adds (s^2 / count), averaged over all targets and
+points. If the twins explain more of the target, this residual is smaller.
 """
 
 import glob
@@ -24,6 +30,7 @@ from absl import flags
 import numpy as np
 
 from mico_jax import challenge, ddp, scoring
+from mico_jax.attacks import shadows
 from mico_jax.tasks import TASKS
 
 _TASK = flags.DEFINE_enum("task", "location", sorted(TASKS), "MICO task.")
@@ -52,6 +59,16 @@ def _stat(folder: str, prefix: str) -> np.ndarray:
   return np.concatenate(stats)
 
 
+def _out_moments(out_stat_TxSxCxA, out_TxSxC):
+  """Count, mean and ddof-1 variance over the OUT observations, per point."""
+  w = out_TxSxC[..., None].astype(float)
+  count = w.sum(1)
+  mean = (w * out_stat_TxSxCxA).sum(1) / np.maximum(count, 1)
+  var = (w * (out_stat_TxSxCxA - mean[:, None])**2).sum(1) / np.maximum(
+      count - 1, 1)
+  return count, mean, var
+
+
 def main(argv):
   del argv
   task = TASKS[_TASK.value]
@@ -75,6 +92,31 @@ def main(argv):
                                   ref_stat[rows])
     for name, s in scores.items():
       table.setdefault(name, {})[budget] = scoring.score(targets.member_KxC, s)
+  # Why: residuals on the non-member challenge points (OUT for the target)
+  # with 2 or more OUT references and shadows.
+  idx, member = targets.challenge_KxC, targets.member_KxC
+  stat_TxCxA = np.take_along_axis(target_stat, idx[..., None], 1)
+  ref_TxRxCxA = np.take_along_axis(ref_stat.reshape(
+      num_models, r, *ref_stat.shape[1:]), idx[:, None, :, None], 2)
+  moments = shadows.loo_moments(target_stat, ~targets.keep_KxN)
+  take = lambda a: np.take_along_axis(np.asarray(a), idx[..., None], 1)
+  sides = {"references": _out_moments(
+      ref_TxRxCxA, ~refs.member_KxC.reshape(num_models, r, -1)),
+           "plain_shadows": (take(moments.count_KxNx1),
+                             take(moments.mean_KxNxA),
+                             take(moments.var_KxNxA))}
+  points = ~member[..., None]
+  for count, _, _ in sides.values():
+    points = points & (count >= 2)
+  residual = {name: float(((stat_TxCxA - mean)**2 - var / np.maximum(
+      count, 1))[np.broadcast_to(points, stat_TxCxA.shape)].mean())
+              for name, (count, mean, var) in sides.items()
+              } if points.any() else None
+  print("non-member residual variance around the OUT mean, less the mean's"
+        " estimation error: " + (
+            f"references {residual['references']:.4f}, plain shadows"
+            f" {residual['plain_shadows']:.4f} ({int(points.sum())} points)"
+            if residual else "no point with 2 or more OUT references"))
   with open(os.path.join(_WORKDIR.value, "scores.json")) as f:
     plain = json.load(f)[ddp.SCENARIO]["all"]
   budgets = list(map(int, _BUDGETS.value))
@@ -90,7 +132,8 @@ def main(argv):
       print(f"| {name} (plain, {num_models - 1} shadows) | " + " | ".join(
           f"{m[key]:.4f}" for _ in budgets for key, _ in _METRICS) + " |")
   with open(os.path.join(folder, "ddp_budget.json"), "w") as f:
-    json.dump({"budgets": budgets, "ddp": table, "plain": plain}, f, indent=1)
+    json.dump({"budgets": budgets, "ddp": table, "plain": plain,
+               "residual": residual}, f, indent=1)
 
 
 if __name__ == "__main__":
