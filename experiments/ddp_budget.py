@@ -9,7 +9,8 @@ same --seed, --num_models and sizes as that run). For each budget b, every
 target keeps its first b references (whole complementary pairs for an even
 b, so each challenge point stays IN for exactly b/2). Prints a Markdown table
 of TPR@10%FPR, TPR@1%FPR and AUC over all targets pooled, per DDP attack and
-budget, beside the run's plain attacks (scores.json), and writes the numbers
+budget (and, exploratory, the sum of the DDP and the plain calibrated_mid
+scores), beside the run's plain attacks (scores.json), and writes the numbers
 to `WORKDIR/ddp/ddp_budget.json`.
 
 Also why: the spread of each target's statistic on its non-member challenge
@@ -30,7 +31,7 @@ from absl import flags
 import numpy as np
 
 from mico_jax import challenge, ddp, scoring
-from mico_jax.attacks import shadows
+from mico_jax.attacks import calibrated, shadows
 from mico_jax.tasks import TASKS
 
 _TASK = flags.DEFINE_enum("task", "location", sorted(TASKS), "MICO task.")
@@ -86,10 +87,16 @@ def main(argv):
              f" {refs.num_models}: other flags than the run's?")
   r = _REFERENCES.value
   table = {}
+  # Exploratory: the references' and the plain shadows' calibrated scores
+  # summed (each point's level, the mean of the two estimates).
+  plain_mid = np.take_along_axis(np.asarray(calibrated.calibrated(
+      target_stat, targets.keep_KxN, None, "mid")), targets.challenge_KxC, 1)
   for budget in map(int, _BUDGETS.value):
     rows = (np.arange(num_models)[:, None] * r + np.arange(budget)).ravel()
     scores = ddp.reference_scores(targets, target_stat, refs.select(rows),
                                   ref_stat[rows])
+    scores["ddp_calibrated_mid + calibrated_mid"] = (
+        scores["ddp_calibrated_mid"] + plain_mid)
     for name, s in scores.items():
       table.setdefault(name, {})[budget] = scoring.score(targets.member_KxC, s)
   # Why: residuals on the non-member challenge points (OUT for the target)
@@ -117,6 +124,19 @@ def main(argv):
             f"references {residual['references']:.4f}, plain shadows"
             f" {residual['plain_shadows']:.4f} ({int(points.sum())} points)"
             if residual else "no point with 2 or more OUT references"))
+  # Noise: the TPR@10%FPR gain of the DDP calibrated score (largest
+  # budget) over the plain one, resampling the targets (200 draws).
+  gain = []
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    rows = rng.integers(0, num_models, num_models)
+    metric = lambda s: scoring.score(targets.member_KxC[rows],
+                                     s[rows])["TPR_FPR_1000"]
+    gain.append(metric(scores["ddp_calibrated_mid"]) - metric(plain_mid))
+  low, high = np.percentile(gain, [2.5, 97.5])
+  print(f"TPR@10%FPR gain of ddp_calibrated_mid (R={budget}) over plain"
+        f" calibrated_mid, bootstrap over targets: {np.mean(gain):+.4f}"
+        f" (95%: {low:+.4f} to {high:+.4f})")
   with open(os.path.join(_WORKDIR.value, "scores.json")) as f:
     plain = json.load(f)[ddp.SCENARIO]["all"]
   budgets = list(map(int, _BUDGETS.value))
@@ -133,7 +153,9 @@ def main(argv):
           f"{m[key]:.4f}" for _ in budgets for key, _ in _METRICS) + " |")
   with open(os.path.join(folder, "ddp_budget.json"), "w") as f:
     json.dump({"budgets": budgets, "ddp": table, "plain": plain,
-               "residual": residual}, f, indent=1)
+               "residual": residual,
+               "gain_calibrated_mid": [float(low), float(high)]}, f,
+              indent=1)
 
 
 if __name__ == "__main__":
