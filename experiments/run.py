@@ -335,11 +335,11 @@ def _identity(plan: Plan) -> dict[str, object]:
       "len_challenge": plan.task.len_challenge,
       "query_shift": _QUERY_SHIFT.value, "scenarios": list(plan.configs),
       "canaries": _CANARIES.value, "training_seed": _TRAINING_SEED.value,
-      "ddp_references": (_DDP_REFERENCES.value if ddp.SCENARIO in plan.configs
-                         else None),
       "pretrained_dir": (_PRETRAINED_DIR.value and
                          os.path.abspath(_PRETRAINED_DIR.value)),
       "data_dir": _DATA_DIR.value and os.path.abspath(_DATA_DIR.value)}
+  if ddp.SCENARIO in plan.configs:
+    identity["ddp_references"] = _DDP_REFERENCES.value
   for scenario, config in plan.configs.items():
     identity.update(_flatten(scenario, dataclasses.asdict(config)))
   return identity
