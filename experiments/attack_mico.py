@@ -43,7 +43,7 @@ from absl import logging
 import numpy as np
 
 from mico_jax import attacks, challenge, checkpoint, data, ddp, dp, mico_io
-from mico_jax import pipeline, report, scoring, stats
+from mico_jax import pipeline, pretrained, report, scoring, stats, tasks
 from mico_jax.tasks import TASKS
 
 _TASK = flags.DEFINE_enum("task", None, sorted(TASKS), "MICO task.")
@@ -54,6 +54,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Folder with the task's data files (see"
     " experiments.run --helpfull).")
+_PRETRAINED_DIR = flags.DEFINE_string(
+    "pretrained_dir", None, "Task sst2: the RoBERTa folder MICO fine-tuned"
+    " from (roberta-base): its tokenizer encodes the pool, its config must"
+    " be the release's and fresh shadows start from its weights.")
 _SOLUTIONS_DIR = flags.DEFINE_string(
     "solutions_dir", None, "Optional folder laid out as --mico_dir with"
     " solution.csv of dev/final models (CodaLab's ref/<task>), to score them.")
@@ -324,6 +328,8 @@ def run(log=print) -> dict:
     raise UserError(f"--shadows={_SHADOWS.value} needs --fresh_shadows > 0")
   start = time.perf_counter()
   task = TASKS[_TASK.value]
+  if _PRETRAINED_DIR.value:
+    task = tasks.with_pretrained(task, _PRETRAINED_DIR.value)
   workdir = os.path.abspath(_WORKDIR.value)
   found = mico_io.find_scenarios(_MICO_DIR.value, task.name)
   if _SCENARIOS.value:
@@ -393,7 +399,7 @@ def main(argv):
     run()
   except (UserError, mico_io.MicoIOError, data.DataError,
           challenge.ChallengeError, checkpoint.CheckpointError,
-          dp.DPError) as e:
+          dp.DPError, pretrained.FolderError) as e:
     sys.exit(f"error: {e}")
 
 

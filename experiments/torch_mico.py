@@ -104,22 +104,32 @@ def train_mlp(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
   return model.state_dict()
 
 
-def write_model(folder: str, phase: str, seeds, member, state_dict,
-                solutions_folder: str | None) -> None:
-  """One `model_<i>` folder in MICO's layout (dev/final: seeds hidden)."""
-  import torch  # pylint: disable=g-import-not-at-top
+def write_metadata(folder: str, phase: str, seeds, member,
+                   solutions_folder: str | None) -> None:
+  """A `model_<i>` folder's seeds and solution in MICO's layout.
+
+  train: three seeds and `solution.csv`; dev/final: `seed_challenge` only,
+  the solution under `solutions_folder` (CodaLab's `ref/`).
+  """
   os.makedirs(folder, exist_ok=True)
   revealed = challenge.SEED_FILES if phase == "train" else ("seed_challenge",)
   for name, seed in zip(challenge.SEED_FILES, seeds):
     if name in revealed:
       with open(os.path.join(folder, name), "w") as f:
         print(seed, file=f)
-  torch.save(state_dict, os.path.join(folder, "model.pt"))
   target = folder if phase == "train" else solutions_folder
   if target:
     os.makedirs(target, exist_ok=True)
     with open(os.path.join(target, "solution.csv"), "w") as f:
       csv.writer(f).writerow(member.astype(int).tolist())
+
+
+def write_model(folder: str, phase: str, seeds, member, state_dict,
+                solutions_folder: str | None) -> None:
+  """One `model_<i>` folder in MICO's layout (dev/final: seeds hidden)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  write_metadata(folder, phase, seeds, member, solutions_folder)
+  torch.save(state_dict, os.path.join(folder, "model.pt"))
 
 
 def make_scenario(out: str, task_name: str, scenario: str, x, y,

@@ -5,7 +5,9 @@ scenario `inf`, `hi`, `lo` (or `ddp`, the DP-distinguisher track), each with
 phases `train/`, `dev/`, `final/` of `model_<i>/` folders (any subset here):
 
   model.pt          the model's `state_dict` (DP models: Opacus's `_module.`
-                    prefix on every key); SST-2: pytorch_model.bin + config.json
+                    prefix on every key); SST-2: config.json and
+                    pytorch_model.bin (or model.safetensors), Hugging Face's
+                    RoBERTa
   seed_challenge    always
   seed_training     train (and DDP's dev/final)
   seed_membership   train only
@@ -34,11 +36,13 @@ import tempfile
 import zipfile
 from typing import Mapping, Sequence
 
+from flax import traverse_util
 import jax
 import numpy as np
 
 from mico_jax import challenge as challenge_lib
 from mico_jax import models
+from mico_jax import roberta
 
 SCENARIOS = ("inf", "hi", "lo", "ddp")
 SUBMITTED_PHASES = ("dev", "final")
@@ -270,21 +274,66 @@ def to_flax(state: Mapping[str, np.ndarray], model, params_like,
   return {"params": params}
 
 
+# Fields of `config.json` that change a RoBERTa's numbers (not its init).
+_ROBERTA_FIELDS = tuple(f.name for f in dataclasses.fields(
+    roberta.RobertaConfig) if f.name != "initializer_range")
+
+
 def _read_transformer(folder: str, model, params_like) -> dict:
-  # The place for SST-2's RoBERTa (pytorch_model.bin + config.json) once a
-  # transformer text model exists in models.py.
-  raise MicoIOError(
-      f"{folder}: RoBERTa models (pytorch_model.bin + config.json) are not"
-      " supported yet")
+  """A Hugging Face RoBERTa folder (MICO's SST-2) as the task model's params.
+
+  MICO's `train_sst2.py` saves with `Trainer.save_model`: `config.json` and
+  `pytorch_model.bin` (`model.safetensors` in newer transformers; read first,
+  without torch). The folder's architecture must be the task's: every field
+  of `config.json` that changes the model's outputs is compared.
+  """
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.exists(config_path):
+    raise MicoIOError(f"{config_path}: missing (a RoBERTa model folder needs"
+                      " config.json)")
+  try:
+    config = roberta.RobertaConfig.from_json(config_path)
+  except (OSError, ValueError, TypeError) as e:
+    raise MicoIOError(f"{config_path}: not a RoBERTa config ({e})") from e
+  for field in _ROBERTA_FIELDS:
+    got, want = getattr(config, field), getattr(model.config, field)
+    if got != want:
+      raise MicoIOError(f"{config_path}: {field} = {got}, the task's model"
+                        f" has {want} (not the task's RoBERTa)")
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      break
+  else:
+    raise MicoIOError(f"{folder}: no model.safetensors or pytorch_model.bin")
+  if name == "pytorch_model.bin":
+    state = read_state_dict(path)
+  else:
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      state = load_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise MicoIOError(f"{path}: not a readable safetensors file (truncated"
+                        f" or damaged: {type(e).__name__})") from e
+  try:
+    found, missing = roberta.from_torch_names(state, params_like)
+  except ValueError as e:
+    raise MicoIOError(f"{path}: {e}") from e
+  if missing:
+    raise MicoIOError(f"{path}: missing key {roberta.torch_name(missing[0])}")
+  return {"params": traverse_util.unflatten_dict(
+      {k: np.asarray(v, np.float32) for k, v in found.items()}, sep="/")}
 
 
 def read_weights(folder: str, model, params_like) -> dict:
   """The flax params of the model stored in one MICO model folder."""
-  path = os.path.join(folder, "model.pt")
-  if not os.path.exists(path) and os.path.exists(
-      os.path.join(folder, "pytorch_model.bin")):
+  if isinstance(model, roberta.RobertaClassifier):
     return _read_transformer(folder, model, params_like)
+  path = os.path.join(folder, "model.pt")
   if not os.path.exists(path):
+    if os.path.exists(os.path.join(folder, "config.json")):
+      raise MicoIOError(f"{folder}: a RoBERTa folder, but the task's model is"
+                        f" {type(model).__name__}")
     raise MicoIOError(f"{path}: missing model file")
   return to_flax(read_state_dict(path), model, params_like, path)
 
@@ -292,7 +341,8 @@ def read_weights(folder: str, model, params_like) -> dict:
 def _weights_fingerprint(folders: Sequence[str], model) -> str:
   described = [repr(model)]
   for folder in folders:
-    for name in ("model.pt", "pytorch_model.bin"):
+    for name in ("model.pt", "pytorch_model.bin", "model.safetensors",
+                 "config.json"):
       path = os.path.join(folder, name)
       if os.path.exists(path):
         stat = os.stat(path)

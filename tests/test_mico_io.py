@@ -142,10 +142,12 @@ def test_wrong_shape_and_missing_key_are_named(tmp_path):
     _read_mlp(_save(state, tmp_path / "model.pt"))
 
 
-def test_roberta_folder_is_not_supported_yet(tmp_path):
+def test_roberta_folder_for_an_mlp_task_is_named(tmp_path):
+  # SST-2 folders are read for the sst2 task (tests/test_mico_io_sst2.py).
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
   (tmp_path / "config.json").write_text("{}")
-  with pytest.raises(mico_io.MicoIOError, match="not supported yet"):
+  with pytest.raises(mico_io.MicoIOError,
+                     match="a RoBERTa folder, but the task's model is MLP"):
     mico_io.read_weights(str(tmp_path), models.MLP(3), None)
 
 
