@@ -374,7 +374,13 @@ SST2_CPU = Task(
 # of 20,000 of the 68,221 sentences with n = 10,000 (each point IN for ~50%
 # of models); Adam lr 1e-3 and batch 32 for 3 epochs without DP. With DP:
 # MICO's C = 0.1, Adam lr 3e-4, expected batch 1,000 (q = 0.1) and 10 epochs
-# (100 steps; MICO's 3 epochs are too few from scratch). 4 models.
+# (100 steps; MICO's 3 epochs are too few from scratch). 4 models. With
+# --pretrained_dir (`with_pretrained`), the same pool tokenised by the folder's
+# tokenizer (e.g. a word-level one: experiments/pretrain_tiny.py pretrains this
+# architecture without labels on the sentences outside the pool) and the
+# folder's encoder. At epsilon = 10 neither learns above the majority class
+# yet: with C far below the per-example gradient norms (~1), clipping alone
+# (no noise) drives the model to the majority class (experiments/RESULTS.md).
 SST2_TINY_VOCAB = 4_000
 SST2_TINY_LENGTH = 32
 
