@@ -69,8 +69,11 @@ def outside_sentences(data_dir: str) -> list[str]:
 
 def build_tokenizer(sentences: list[str], vocab_size: int, max_length: int):
   """A word-level `tokenizers.Tokenizer`: `<s>`, words, `</s>`, padding."""
-  from tokenizers import (Regex, Tokenizer, models, normalizers,  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import (Regex, Tokenizer, models, normalizers,
                           pre_tokenizers, processors)
+  # The most frequent words; Vocabulary's own <pad> and <unk> are replaced by
+  # RoBERTa's four specials, and <mask> comes last.
   words = sst2.Vocabulary.build(sentences, vocab_size - len(SPECIAL) - 1 + 2)
   vocab = {token: i for i, token in enumerate(
       SPECIAL + words.tokens[2:] + ("<mask>",))}

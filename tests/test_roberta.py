@@ -230,8 +230,9 @@ def test_sst2_tiny_fine_tunes_a_word_level_folder(tmp_path):
   os.makedirs(tmp_path / "data" / "sst2")
   for name, rows in (("train.tsv", slice(0, 20_000)),
                      ("dev.tsv", slice(20_000, None))):
-    (tmp_path / "data" / "sst2" / name).write_text("sentence\tlabel\n" + "".join(
-        f"{s}\t{y}\n" for s, y in zip(sentences[rows], labels[rows])))
+    (tmp_path / "data" / "sst2" / name).write_text(
+        "sentence\tlabel\n" + "".join(
+            f"{s}\t{y}\n" for s, y in zip(sentences[rows], labels[rows])))
   folder = str(tmp_path / "tiny")
   tokenizer = pretrain_tiny.build_tokenizer(sentences[:50], 20, 32)
   assert tokenizer.get_vocab_size() == 20
