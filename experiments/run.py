@@ -88,8 +88,8 @@ _DATA_DIR = flags.DEFINE_string(
     " purchase100/dataset_purchase). Unset: CIFAR-10 and SST-2 come from"
     " TFDS's prepared data; the tabular tasks need it.")
 _PRETRAINED_DIR = flags.DEFINE_string(
-    "pretrained_dir", None, "Task sst2: the RoBERTa to fine-tune, a Hugging"
-    " Face folder (config.json, model.safetensors or pytorch_model.bin,"
+    "pretrained_dir", None, "Tasks sst2, sst2_tiny: the RoBERTa to fine-tune, a"
+    " Hugging Face folder (config.json, model.safetensors or pytorch_model.bin,"
     " vocab.json + merges.txt or tokenizer.json); nothing is downloaded.")
 _SEED = flags.DEFINE_integer("seed", 0, "Base seed of every challenge seed.")
 _TRAINING_SEED = flags.DEFINE_integer(

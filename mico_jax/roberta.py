@@ -202,9 +202,12 @@ class _Encoder(nn.Module):
     return h_BxTxD
 
 
-class _Roberta(nn.Module):
+class RobertaModel(nn.Module):
+  """Token ids `[B, T]` -> hidden states `[B, T, D]` (`RobertaModel` without
+  its pooler): the encoder a classifier, or a pretraining head, sits on."""
+
   config: RobertaConfig
-  dtype: Any
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
@@ -245,7 +248,7 @@ class RobertaClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
-    h = _Roberta(self.config, self.dtype, name="roberta")(tokens_BxT)
+    h = RobertaModel(self.config, self.dtype, name="roberta")(tokens_BxT)
     logits = _ClassificationHead(self.config, self.dtype,
                                  name="classifier")(h)
     return logits.astype(jnp.float32)

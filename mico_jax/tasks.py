@@ -282,8 +282,10 @@ SST2_MAX_LENGTH = 67
 
 
 def load_sst2_pretrained(data_dir: str | None, pretrained_dir: str | None,
-                         pool_size: int | None = None) -> data.Dataset:
-  """SST-2 tokenised by a pretrained folder's tokenizer, to 67 tokens as MICO.
+                         pool_size: int | None = None,
+                         max_length: int = SST2_MAX_LENGTH) -> data.Dataset:
+  """SST-2 tokenised by a pretrained folder's tokenizer, to `max_length`
+  tokens (MICO: 67).
 
   Raises:
     DataError: no folder given.
@@ -295,7 +297,7 @@ def load_sst2_pretrained(data_dir: str | None, pretrained_dir: str | None,
         " folder with config.json, model.safetensors (or pytorch_model.bin)"
         " and vocab.json + merges.txt (or tokenizer.json), e.g. roberta-base")
   sentences, labels = _sst2_sentences(data_dir, pool_size)
-  ids, _ = pretrained.tokenize(pretrained_dir, sentences, SST2_MAX_LENGTH)
+  ids, _ = pretrained.tokenize(pretrained_dir, sentences, max_length)
   return data.Dataset("sst2", ids, np.asarray(labels, np.int32), 2, "text",
                       mico_order=not pool_size)
 
@@ -318,23 +320,27 @@ SST2 = Task(
 
 
 def with_pretrained(task: Task, pretrained_dir: str) -> Task:
-  """`task` fine-tuning the RoBERTa in `pretrained_dir` (task sst2 only).
+  """`task` fine-tuning the RoBERTa in `pretrained_dir` (sst2, sst2_tiny).
 
-  The model computes in bfloat16 on accelerators (float32 parameters,
-  clipping and optimizer state) and in float32 on CPU.
+  The task's pool (same sentences, same order) is tokenised by the folder's
+  tokenizer to the task's length. The model computes in bfloat16 on
+  accelerators (float32 parameters, clipping and optimizer state) and in
+  float32 on CPU.
 
   Raises:
     DataError: the task takes no pretrained model.
     pretrained.FolderError: the folder lacks config.json.
   """
-  if task.name != "sst2":
+  if task.name not in _PRETRAINED_POOLS:
     raise data.DataError(f"--pretrained_dir: task {task.name} takes no"
-                         " pretrained model (only sst2 does)")
+                         " pretrained model (only sst2 and sst2_tiny do)")
   pretrained.read_config(pretrained_dir)  # fail now on a missing config
   dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  pool_size, max_length = _PRETRAINED_POOLS[task.name]
   return dataclasses.replace(
       task, load=functools.partial(load_sst2_pretrained,
-                                   pretrained_dir=pretrained_dir),
+                                   pretrained_dir=pretrained_dir,
+                                   pool_size=pool_size, max_length=max_length),
       make_model=lambda num_classes: pretrained.pretrained_classifier(
           pretrained_dir, num_classes, dtype))
 
@@ -368,7 +374,13 @@ SST2_CPU = Task(
 # of 20,000 of the 68,221 sentences with n = 10,000 (each point IN for ~50%
 # of models); Adam lr 1e-3 and batch 32 for 3 epochs without DP. With DP:
 # MICO's C = 0.1, Adam lr 3e-4, expected batch 1,000 (q = 0.1) and 10 epochs
-# (100 steps; MICO's 3 epochs are too few from scratch). 4 models.
+# (100 steps; MICO's 3 epochs are too few from scratch). 4 models. With
+# --pretrained_dir (`with_pretrained`), the same pool tokenised by the folder's
+# tokenizer (e.g. a word-level one: experiments/pretrain_tiny.py pretrains this
+# architecture without labels on the sentences outside the pool) and the
+# folder's encoder. At epsilon = 10 neither learns above the majority class
+# yet: with C far below the per-example gradient norms (~1), clipping alone
+# (no noise) drives the model to the majority class (experiments/RESULTS.md).
 SST2_TINY_VOCAB = 4_000
 SST2_TINY_LENGTH = 32
 
@@ -402,6 +414,11 @@ SST2_TINY = Task(
         clip_norm=0.1, sample_rate_rule="batch"),
     default_models=4,
 )
+
+# Tasks that `with_pretrained` accepts: (pool subset size or None for all,
+# tokens a sentence).
+_PRETRAINED_POOLS = {"sst2": (None, SST2_MAX_LENGTH),
+                     "sst2_tiny": (SST2_TINY.pool_size, SST2_TINY_LENGTH)}
 
 # MICO's Purchase-100 track: N = 197,324, n = 150,000; MLP 600-128-100 (tanh),
 # Adam lr 1e-3 decayed x0.9 every 5 epochs, batch 512, 30 epochs, with and

@@ -216,3 +216,46 @@ def test_main_job_fine_tunes_a_pretrained_folder(tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "pass --pretrained_dir" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_sst2_tiny_fine_tunes_a_word_level_folder(tmp_path):
+  # The folder experiments/pretrain_tiny.py writes: word-level tokenizer.json.
+  from experiments import pretrain_tiny  # pylint: disable=g-import-not-at-top
+  from mico_jax import data, tasks  # pylint: disable=g-import-not-at-top
+  from mico_jax.data import sst2  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  words = np.array(["good", "bad", "film", "is", "n't", "really", "'s", ","])
+  sentences = [" ".join(rng.choice(words, 4)) + f" {i}" for i in range(20_010)]
+  labels = rng.integers(0, 2, len(sentences))
+  os.makedirs(tmp_path / "data" / "sst2")
+  for name, rows in (("train.tsv", slice(0, 20_000)),
+                     ("dev.tsv", slice(20_000, None))):
+    (tmp_path / "data" / "sst2" / name).write_text(
+        "sentence\tlabel\n" + "".join(
+            f"{s}\t{y}\n" for s, y in zip(sentences[rows], labels[rows])))
+  folder = str(tmp_path / "tiny")
+  tokenizer = pretrain_tiny.build_tokenizer(sentences[:50], 20, 32)
+  assert tokenizer.get_vocab_size() == 20
+  text = "It 's N'T good,really!"
+  ids = tokenizer.encode(text).ids
+  vocab = tokenizer.get_vocab()
+  expected = [0] + [vocab.get(t, 3) for t in sst2.tokenize(text)] + [2]
+  assert ids == expected + [1] * (32 - len(expected))
+  config = roberta.RobertaConfig(
+      vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+      intermediate_size=8, max_position_embeddings=34)
+  pretrained.save_roberta_folder(folder, config, roberta.RobertaClassifier(
+      config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  tokenizer.save(os.path.join(folder, "tokenizer.json"))
+
+  task = tasks.with_pretrained(tasks.SST2_TINY, folder)
+  dataset = task.load(str(tmp_path / "data"))
+  # The same pool as sst2_tiny's (a seeded subset), tokenised by the folder.
+  idx = data.subset_indices(len(sentences), tasks.SST2_TINY.pool_size)
+  np.testing.assert_array_equal(dataset.y, labels[idx])
+  assert dataset.x.shape == (tasks.SST2_TINY.pool_size, tasks.SST2_TINY_LENGTH)
+  np.testing.assert_array_equal(dataset.x[:3], [
+      e.ids for e in tokenizer.encode_batch([sentences[i] for i in idx[:3]])])
+  assert task.make_model(2).config.hidden_size == 8
+  with pytest.raises(data.DataError, match="only sst2 and sst2_tiny"):
+    tasks.with_pretrained(tasks.SST2_CPU, folder)
