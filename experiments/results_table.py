@@ -34,7 +34,7 @@ def load_runs(root: str) -> list[dict]:
                              "run.json")) as f:
         run = json.load(f)
       # Older scores.json: {attack: metrics}, over all models pooled.
-      run["scores"] = (by_attack if set(by_attack) <= set(PHASES)
+      run["scores"] = (by_attack if set(by_attack) - {"audit"} <= set(PHASES)
                        else {"all": by_attack})
       run["path"] = os.path.relpath(path, root)
       runs.append(run)
