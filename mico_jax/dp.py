@@ -715,8 +715,11 @@ def _random_bits(key: jax.Array, size: int) -> jax.Array:
   That layout hashes the counter pairs (i, i + ceil(size / 2)) and keeps
   both words, so each hash gives two words (the partitionable layout one).
   Only the compiled form differs from `jax.random`'s (see `_threefry2x32`):
-  the numbers, and so their law and their secrecy, are the same.
+  the numbers, and so their law and their secrecy, are the same (for sizes
+  below 2³² − 1, which `jax.random` draws in one block).
   """
+  if size >= 2**32 - 1:
+    raise ValueError(f"cannot draw {size} words in one block")
   half = -(-size // 2)
   counts = jnp.arange(half, dtype=jnp.uint32)
   # An odd size pads the counters with one 0, as `jax.random` does.

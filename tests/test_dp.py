@@ -134,7 +134,7 @@ def test_noise_has_std_sigma_c_and_is_independent_per_model():
   assert all(np.asarray(g).std() > 0 for g in jax.tree.leaves(noise))
 
 
-@pytest.mark.parametrize("size", [1, 2, 7, 1000, 1001])
+@pytest.mark.parametrize("size", [7, 1000])
 def test_noise_and_sampler_words_are_jax_randoms_bit_for_bit(size):
   """The unrolled threefry draws exactly `jax.random`'s numbers (original
   counter layout), under vmap too: only their compiled form is ours."""
