@@ -294,9 +294,10 @@ class PoissonSampler:
     digits, past_end = self._digits
     num_digits = digits.shape[1]
     # One 32-bit word per digit and for "past the end", and a shared low word.
-    with jax.threefry_partitionable(False):
-      words = jax.random.bits(jax.random.fold_in(key, step),
-                              (self.capacity, num_digits + 2), jnp.uint32)
+    # `jax.random.bits` with threefry's original layout (`_random_bits`).
+    words = _random_bits(jax.random.fold_in(key, step),
+                         self.capacity * (num_digits + 2)).reshape(
+                             self.capacity, num_digits + 2)
     low = words[:, -1:]
 
     def below(high, threshold):
@@ -593,8 +594,11 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
     name = ("params",) + path
     # Σ_b w_b a_bᵀ g_b, from the forward pass's a and the reweighted g.
     g = g * weight_B[:, None, None]
-    grads[name + ("kernel",)] = jnp.einsum(
-        "bpd,bpo->do", a, g, precision=_FULL).reshape(
+    # As one 2-D product contracting the rows (b, p) in place: an einsum
+    # over both axes makes XLA:CPU copy a transposed `a` first.
+    grads[name + ("kernel",)] = jax.lax.dot_general(
+        a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]),
+        (((0,), (0,)), ((), ())), precision=_FULL).reshape(
             flat[name + ("kernel",)].shape)
     if calls[by_path[path][0]].module.use_bias:
       grads[name + ("bias",)] = g.sum((0, 1))
@@ -681,21 +685,75 @@ def chunked_clipped_grad_sum(apply_fn: Callable, params: PyTree,
   return loss_sum, grads
 
 
+# Threefry-2x32's rotations, for rounds 1-4 and 5-8 of each 8 (Random123).
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(key_2: jax.Array, x0: jax.Array, x1: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 (20 rounds) of the counter pairs (x0, x1) under `key_2`.
+
+  The hash `jax.random` uses, written out round by round: XLA:CPU fuses it
+  into one loop over the counters, where JAX's own CPU lowering runs its
+  five 4-round blocks as a `while` loop, each block a pass over memory.
+  """
+  ks = (key_2[0], key_2[1], key_2[0] ^ key_2[1] ^ np.uint32(0x1BD11BDA))
+  x0, x1 = x0 + ks[0], x1 + ks[1]
+  for block in range(5):
+    for r in _THREEFRY_ROTATIONS[block % 2]:
+      x0 = x0 + x1
+      x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
+    x0 = x0 + ks[(block + 1) % 3]
+    x1 = x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
+  return x0, x1
+
+
+def _random_bits(key: jax.Array, size: int) -> jax.Array:
+  """`size` uint32 words, bit for bit `jax.random.bits(key, (size,))` with
+  threefry's original (non-partitionable) counter layout.
+
+  That layout hashes the counter pairs (i, i + ceil(size / 2)) and keeps
+  both words, so each hash gives two words (the partitionable layout one).
+  Only the compiled form differs from `jax.random`'s (see `_threefry2x32`):
+  the numbers, and so their law and their secrecy, are the same (for sizes
+  below 2³² − 1, which `jax.random` draws in one block).
+  """
+  if size >= 2**32 - 1:
+    raise ValueError(f"cannot draw {size} words in one block")
+  half = -(-size // 2)
+  counts = jnp.arange(half, dtype=jnp.uint32)
+  # An odd size pads the counters with one 0, as `jax.random` does.
+  upper = jnp.where(counts + half < size, counts + half, 0).astype(jnp.uint32)
+  return jnp.concatenate(_threefry2x32(jax.random.key_data(key), counts,
+                                       upper))[:size]
+
+
+def _normal(key: jax.Array, size: int) -> jax.Array:
+  """`size` float32 N(0, 1) draws: `jax.random.normal(key, (size,))` with
+  threefry's original layout, bit for bit (uniform in (-1, 1) from the top
+  23 bits, then sqrt(2)·erfinv, as `jax.random` does)."""
+  floats = jax.lax.bitcast_convert_type(
+      (_random_bits(key, size) >> np.uint32(9)) | np.uint32(0x3F800000),
+      jnp.float32) - 1
+  low = np.nextafter(np.float32(-1), np.float32(0))
+  uniform = jnp.maximum(low, floats * (np.float32(1) - low) + low)
+  return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
 def add_noise(grads: PyTree, key: jax.Array, stddev: float) -> PyTree:
   """`grads` plus independent N(0, stddev²) on every coordinate.
 
-  Drawn with threefry's original (non-partitionable) counter layout, which
-  hashes one counter pair per two values instead of one per value: ~40% less
-  time on CPU, where the draw is a large share of a DP step. Only a draw's
-  layout within one model changes; each model draws from its own key, so the
-  models axis shards as before.
+  Drawn as `jax.random.normal` with threefry's original (non-partitionable)
+  counter layout, which hashes one counter pair per two values instead of
+  one per value (`_normal`: the same numbers, compiled into one fused loop
+  on CPU, where the draw is a large share of a DP step). Each model draws
+  from its own key, so under `vmap` the models axis shards as before.
   """
   leaves, treedef = jax.tree.flatten(grads)
   keys = jax.random.split(key, len(leaves))
-  with jax.threefry_partitionable(False):
-    return treedef.unflatten([
-        g + stddev * jax.random.normal(k, g.shape, g.dtype)
-        for g, k in zip(leaves, keys)])
+  return treedef.unflatten([
+      g + stddev * _normal(k, g.size).reshape(g.shape).astype(g.dtype)
+      for g, k in zip(leaves, keys)])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,6 +134,20 @@ def test_noise_has_std_sigma_c_and_is_independent_per_model():
   assert all(np.asarray(g).std() > 0 for g in jax.tree.leaves(noise))
 
 
+@pytest.mark.parametrize("size", [7, 1000])
+def test_noise_and_sampler_words_are_jax_randoms_bit_for_bit(size):
+  """The unrolled threefry draws exactly `jax.random`'s numbers (original
+  counter layout), under vmap too: only their compiled form is ours."""
+  keys = jax.random.split(jax.random.PRNGKey(size), 3)
+  with jax.threefry_partitionable(False):
+    want_bits = jax.vmap(lambda k: jax.random.bits(k, (size,)))(keys)
+    want_normal = jax.vmap(lambda k: jax.random.normal(k, (size,)))(keys)
+  got_bits, got_normal = jax.jit(jax.vmap(
+      lambda k: (dp._random_bits(k, size), dp._normal(k, size))))(keys)
+  np.testing.assert_array_equal(got_bits, want_bits)
+  np.testing.assert_array_equal(got_normal, want_normal)
+
+
 def test_poisson_sampler_realises_rate_q_for_every_point():
   n, q, steps = 1000, 0.05, 2000
   capacity = accounting.batch_capacity(n, q, steps, 1e-9)
