@@ -52,7 +52,6 @@ _LR = flags.DEFINE_float("lr", 2e-3, "Peak learning rate (linear warm-up and"
                          " decay).")
 _SEED = flags.DEFINE_integer("seed", 0, "Initialisation and masking seed.")
 
-SPECIAL = ("<s>", "<pad>", "</s>", "<unk>")  # RoBERTa's ids 0-3
 MASK_RATE = 0.15
 MAX_MASKED = 6  # of at most 30 real tokens: 4.5 expected, rarely more
 
@@ -65,30 +64,6 @@ def outside_sentences(data_dir: str) -> list[str]:
     # The pools' own choice (`tasks.load_sst2`): a seeded subset.
     inside[data.subset_indices(len(sentences), task.pool_size)] = True
   return [s for s, used in zip(sentences, inside) if not used]
-
-
-def build_tokenizer(sentences: list[str], vocab_size: int, max_length: int):
-  """A word-level `tokenizers.Tokenizer`: `<s>`, words, `</s>`, padding."""
-  # pylint: disable-next=g-import-not-at-top
-  from tokenizers import (Regex, Tokenizer, models, normalizers,
-                          pre_tokenizers, processors)
-  # The most frequent words; Vocabulary's own <pad> and <unk> are replaced by
-  # RoBERTa's four specials, and <mask> comes last.
-  words = sst2.Vocabulary.build(sentences, vocab_size - len(SPECIAL) - 1 + 2)
-  vocab = {token: i for i, token in enumerate(
-      SPECIAL + words.tokens[2:] + ("<mask>",))}
-  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tokenizer.normalizer = normalizers.Lowercase()
-  # Whitespace, then sst2.tokenize's pattern: its exact tokens.
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.WhitespaceSplit(),
-      pre_tokenizers.Split(Regex(r"[^\W_]+|\S"), "isolated")])
-  tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2),
-                                                          ("<s>", 0))
-  tokenizer.add_special_tokens(list(SPECIAL) + ["<mask>"])
-  tokenizer.enable_truncation(max_length)
-  tokenizer.enable_padding(pad_id=1, pad_token="<pad>", length=max_length)
-  return tokenizer
 
 
 class MaskedLM(nn.Module):
@@ -136,7 +111,7 @@ def main(argv):
   config = dataclasses.replace(tiny, pad_token_id=1,
                                max_position_embeddings=tiny.pad_token_id +
                                tasks.SST2_TINY_LENGTH + 2)
-  tokenizer = build_tokenizer(sentences, config.vocab_size,
+  tokenizer = pretrained.word_level_tokenizer(sentences, config.vocab_size,
                               tasks.SST2_TINY_LENGTH)
   assert tokenizer.get_vocab_size() == config.vocab_size
   ids = np.asarray([e.ids for e in tokenizer.encode_batch(sentences)],

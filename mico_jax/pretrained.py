@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mico_jax.data import sst2
 from mico_jax.roberta import (RobertaClassifier, RobertaConfig,
                               from_torch_names, torch_name)
 
@@ -220,3 +221,33 @@ def tokenize(folder: str, sentences: Sequence[str],
   ids = np.asarray([e.ids for e in encodings], np.int32)
   truncated = sum(bool(e.overflowing) for e in encodings)
   return ids.reshape(len(sentences), max_length), truncated
+
+
+_SPECIAL = ("<s>", "<pad>", "</s>", "<unk>")  # RoBERTa's ids 0-3
+
+
+def word_level_tokenizer(sentences: Sequence[str], vocab_size: int,
+                         max_length: int):
+  """A word-level `tokenizers.Tokenizer` over `sentences`' most frequent words
+  (`mico_jax.data.sst2`'s tokens), with RoBERTa's special ids: `<s>`, words,
+  `</s>`, padding to `max_length`."""
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import (Regex, Tokenizer, models, normalizers,
+                          pre_tokenizers, processors)
+  # The most frequent words; Vocabulary's own <pad> and <unk> are replaced by
+  # RoBERTa's four specials, and <mask> comes last.
+  words = sst2.Vocabulary.build(sentences, vocab_size - len(_SPECIAL) - 1 + 2)
+  vocab = {token: i for i, token in enumerate(
+      _SPECIAL + words.tokens[2:] + ("<mask>",))}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tokenizer.normalizer = normalizers.Lowercase()
+  # Whitespace, then sst2.tokenize's pattern: its exact tokens.
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.WhitespaceSplit(),
+      pre_tokenizers.Split(Regex(r"[^\W_]+|\S"), "isolated")])
+  tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2),
+                                                          ("<s>", 0))
+  tokenizer.add_special_tokens(list(_SPECIAL) + ["<mask>"])
+  tokenizer.enable_truncation(max_length)
+  tokenizer.enable_padding(pad_id=1, pad_token="<pad>", length=max_length)
+  return tokenizer

@@ -220,7 +220,6 @@ def test_main_job_fine_tunes_a_pretrained_folder(tmp_path):
 
 def test_sst2_tiny_fine_tunes_a_word_level_folder(tmp_path):
   # The folder experiments/pretrain_tiny.py writes: word-level tokenizer.json.
-  from experiments import pretrain_tiny  # pylint: disable=g-import-not-at-top
   from mico_jax import data, tasks  # pylint: disable=g-import-not-at-top
   from mico_jax.data import sst2  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -234,7 +233,7 @@ def test_sst2_tiny_fine_tunes_a_word_level_folder(tmp_path):
         "sentence\tlabel\n" + "".join(
             f"{s}\t{y}\n" for s, y in zip(sentences[rows], labels[rows])))
   folder = str(tmp_path / "tiny")
-  tokenizer = pretrain_tiny.build_tokenizer(sentences[:50], 20, 32)
+  tokenizer = pretrained.word_level_tokenizer(sentences[:50], 20, 32)
   assert tokenizer.get_vocab_size() == 20
   text = "It 's N'T good,really!"
   ids = tokenizer.encode(text).ids

@@ -189,8 +189,9 @@ def test_all_checkpoints_damaged(copy):
   proc = _run(copy, *ARGS)
   _error_line(proc, "no usable checkpoint", "models_0-4/58: unreadable",
               "models_0-4/29: unreadable")
-  # orbax's tracebacks went to the log, not the terminal.
-  assert "Traceback" in (copy / "run.log").read_text()
+  # The log keeps the whole story (orbax's own traceback too, when orbax
+  # logs one: under load it sometimes fails on another file first, without).
+  assert "models_0-4/58: unreadable" in (copy / "run.log").read_text()
   # The earlier complete run's results of this configuration, untouched.
   assert (copy / "scores.json").read_bytes() == scores
   assert not (copy / ".partial").exists()
