@@ -565,14 +565,20 @@ class _Terminal:
 
   def progress(self, message: str) -> None:
     print(message, flush=True)
-    if self.log_file:
-      self.log_file.write(message + "\n")
+    self.to_log(message + "\n")
 
   def say(self, message: str) -> None:
     """One line for the user on stderr (and in the log)."""
     print(message, file=self.err, flush=True)
+    self.to_log(message + "\n")
+
+  def to_log(self, text: str) -> None:
+    """Best effort: a full disk must not hide the user's error line."""
     if self.log_file:
-      self.log_file.write(message + "\n")
+      try:
+        self.log_file.write(text)
+      except OSError:
+        pass
 
 
 # TensorStore (under orbax) reports a failed write as text with the errno.
@@ -640,7 +646,7 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     where = ""
     if terminal.log_path:
-      traceback.print_exc()  # into the log
+      terminal.to_log(traceback.format_exc())
       where = f" (details in {terminal.log_path})"
     terminal.say(f"error: {_system_error(e)}{where}")
     sys.exit(1)
