@@ -244,17 +244,13 @@ def attack_scenario(task, scenario, folder, dataset, queries, workdir,
         f" {config.learning_rate}" + (f", DP-SGD to epsilon"
                                       f" {config.dp.epsilon}" if config.dp
                                       else ""))
-    wave = (task.wave_size if _WAVE_SIZE.value is None else _WAVE_SIZE.value
-            ) or _FRESH.value
     execution = pipeline.Execution(
-        directory=os.path.join(workdir, scenario), unroll=task.unroll)
-    parts = []
-    for first in range(0, _FRESH.value, wave):
-      rows = np.arange(first, min(first + wave, _FRESH.value))
-      parts.append(pipeline.train_and_observe(
-          model, config, dataset, shadow_challenge.select(rows), queries,
-          execution, f"shadows_{rows[0]}-{rows[-1]}", log)[1])
-    shadow_stats = stats.Stats(*(np.concatenate(a) for a in zip(*parts)))
+        wave_size=task.wave_size if _WAVE_SIZE.value is None
+        else _WAVE_SIZE.value, directory=os.path.join(workdir, scenario),
+        unroll=task.unroll)
+    shadow_stats = pipeline.train_in_waves(
+        model, config, dataset, shadow_challenge, queries, execution,
+        "shadows", log)[1]
     check = recipe_check(release, target_stats, shadow_challenge,
                          shadow_stats)
     for line, _ in check:

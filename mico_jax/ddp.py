@@ -10,7 +10,7 @@ target's. References come in complementary pairs (one takes a random half of
 C_t, the next the other half), so with R references every challenge point of
 t is IN for exactly floor(R/2) or ceil(R/2) of them (an odd R's last one
 takes a random half of its own). All T x R references are rows of one
-`Challenge` and train as one batched program (`pipeline.train_and_observe`;
+`Challenge` and train as one batched program (`pipeline.train_in_waves`;
 in waves if the execution asks), then `attacks.ddp` scores every target
 against its own references.
 """
@@ -75,17 +75,9 @@ def observe_references(model, config, dataset, references, queries,
                        training_seed: int | None = None) -> stats.Stats:
   """Trains the references (in waves of `execution.wave_size`, 0: all at
   once) and returns their statistics; saved waves are reused."""
-  total = references.num_models
-  wave = execution.wave_size or total
-  parts = []
-  for first in range(0, total, wave):
-    rows = np.arange(first, min(first + wave, total))
-    if log:
-      log(f"DDP references {rows[0]}-{rows[-1]} of {total}")
-    parts.append(pipeline.train_and_observe(
-        model, config, dataset, references.select(rows), queries, execution,
-        f"references_{rows[0]}-{rows[-1]}", log, training_seed)[1])
-  return stats.Stats(*(np.concatenate(a) for a in zip(*parts)))
+  return pipeline.train_in_waves(model, config, dataset, references, queries,
+                                 execution, "references", log,
+                                 training_seed)[1]
 
 
 def reference_scores(targets: challenge_lib.Challenge, target_stat_KxNxA,

@@ -265,6 +265,27 @@ def attack_scores(observations: attacks_lib.Observations,
       rows, challenge.challenge_KxC] for name in names}
 
 
+def train_in_waves(model, config: train.TrainConfig, dataset: Dataset,
+                   challenge: challenge_lib.Challenge,
+                   queries: Sequence[stats.Query], execution: Execution,
+                   name: str, log: Log | None,
+                   training_seed: int | None = None):
+  """Every model of `challenge`, `execution.wave_size` at a time (0: all at
+  once), by `train_and_observe`; each wave saved as `<name>_<first>-<last>`
+  and reused. Returns the params and statistics of all models."""
+  total = challenge.num_models
+  wave = execution.wave_size or total
+  parts = []
+  for first in range(0, total, wave):
+    rows = np.arange(first, min(first + wave, total))
+    if log and wave < total:
+      log(f"wave of {name} {rows[0]}-{rows[-1]} of {total}")
+    parts.append(train_and_observe(
+        model, config, dataset, challenge.select(rows), queries, execution,
+        f"{name}_{rows[0]}-{rows[-1]}", log, training_seed))
+  return jax.tree.map(lambda *a: np.concatenate(a), *parts)
+
+
 def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
                  num_models: int, seed: int, attack_names: Sequence[str],
                  queries: Sequence[stats.Query], shadows: str = "all",
@@ -304,16 +325,9 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
           f" {mechanism.noise_multiplier:.4f}")
   execution = dataclasses.replace(
       execution, mesh=execution.mesh or parallel.make_mesh())
-  wave = execution.wave_size or num_models
-  parts = []
-  for first in range(0, num_models, wave):
-    models = np.arange(first, min(first + wave, num_models))
-    if log and wave < num_models:
-      log(f"wave of models {models[0]}-{models[-1]} of {num_models}")
-    parts.append(train_and_observe(
-        model, config, dataset, challenge.select(models), queries, execution,
-        f"models_{models[0]}-{models[-1]}", log, training_seed))
-  params, observed = jax.tree.map(lambda *a: np.concatenate(a), *parts)
+  params, observed = train_in_waves(model, config, dataset, challenge,
+                                    queries, execution, "models", log,
+                                    training_seed)
   if mechanism is not None:
     # Every model takes the same steps with the same σ and q.
     epsilon_K = np.full(num_models, mechanism.epsilon())
