@@ -182,19 +182,13 @@ def ddp_scores(task, release, model, dataset, queries, target_stats, workdir,
   config = task.scenarios[ddp.RECIPE]
   if _EPOCHS.value:
     config = dataclasses.replace(config, epochs=_EPOCHS.value)
-  refs = ddp.reference_challenge(release.challenge, _DDP_REFERENCES.value,
-                                 _SEED.value)
-  log(f"[{release.name}] {refs.num_models} DDP references"
-      f" ({_DDP_REFERENCES.value} per target)")
   execution = pipeline.Execution(
       wave_size=task.wave_size if _WAVE_SIZE.value is None
       else _WAVE_SIZE.value, directory=os.path.join(workdir, release.scenario),
       unroll=task.unroll)
-  ref_stats = ddp.observe_references(model, config, dataset, refs, queries,
-                                     execution, log)
-  return (ddp.reference_scores(release.challenge, target_stats.stat_KxNxA,
-                               refs, ref_stats.stat_KxNxA),
-          ddp.coverage(refs, release.challenge.num_models))
+  return ddp.attack(release.challenge, target_stats.stat_KxNxA, model, config,
+                    dataset, queries, _DDP_REFERENCES.value, _SEED.value,
+                    execution, log)
 
 
 @dataclasses.dataclass

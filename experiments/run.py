@@ -406,25 +406,18 @@ def _ddp_references(result, plan, config, dataset, queries, execution, root,
   Returns the result with the `ddp_*` scores and metrics beside the plain
   attacks', and a note for the report.
   """
-  refs = ddp.reference_challenge(result.challenge, _DDP_REFERENCES.value,
-                                 _SEED.value)
-  log(f"[{ddp.SCENARIO}] training {refs.num_models} reference models"
-      f" ({_DDP_REFERENCES.value} per target) on the targets' revealed"
-      " training sets")
   start = time.perf_counter()
-  model = plan.task.make_model(dataset.num_classes)
-  ref_stats = ddp.observe_references(
-      model, config, dataset, refs, queries, execution, log,
+  scores, note = ddp.attack(
+      result.challenge, result.stats.stat_KxNxA,
+      plan.task.make_model(dataset.num_classes), config, dataset, queries,
+      _DDP_REFERENCES.value, _SEED.value, execution, log,
       _training_seed(os.path.join(root, ddp.SCENARIO)))
-  scores = ddp.reference_scores(result.challenge, result.stats.stat_KxNxA,
-                                refs, ref_stats.stat_KxNxA)
   log(f"[{ddp.SCENARIO}] references and DDP attacks done in"
       f" {time.perf_counter() - start:.1f}s")
   scores = {**result.scores_KxC, **scores}
   metrics = scoring.score_phases(result.challenge.member_KxC, scores,
                                  result.challenge.phases)
-  return (dataclasses.replace(result, scores_KxC=scores, metrics=metrics),
-          ddp.coverage(refs, result.challenge.num_models))
+  return dataclasses.replace(result, scores_KxC=scores, metrics=metrics), note
 
 
 def _write_models_csv(path, result):

@@ -109,3 +109,25 @@ def coverage(references: challenge_lib.Challenge, num_targets: int) -> str:
   """One line on the references per target and per challenge point."""
   return ddp_attacks.coverage(references.member_KxC.reshape(
       num_targets, references.num_models // num_targets, -1))
+
+
+def attack(targets: challenge_lib.Challenge, target_stat_KxNxA, model, config,
+           dataset, queries, num_references: int, seed: int,
+           execution: pipeline.Execution, log: pipeline.Log | None,
+           training_seed: int | None = None
+           ) -> tuple[dict[str, np.ndarray], str]:
+  """The whole track: `num_references` references per target trained on its
+  revealed set, then every target scored by its own.
+
+  Returns the `ddp_<attack>` scores `[T, 2m]` and a line on the references.
+  """
+  refs = reference_challenge(targets, num_references, seed)
+  if log:
+    log(f"[{SCENARIO}] training {refs.num_models} reference models"
+        f" ({num_references} per target) on the targets' revealed training"
+        " sets")
+  ref_stats = observe_references(model, config, dataset, refs, queries,
+                                 execution, log, training_seed)
+  return (reference_scores(targets, target_stat_KxNxA, refs,
+                           ref_stats.stat_KxNxA),
+          coverage(refs, targets.num_models))
