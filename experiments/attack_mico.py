@@ -14,7 +14,10 @@ with probability 1/2 and exactly n training points, or `both`. For
 `<task>_ddp`, whose models all reveal `seed_training`, the `ddp_*` attacks
 score each target also by `--ddp_references` reference models trained (to the
 `lo` recipe) on its revealed training set plus half of its challenge points
-(`mico_jax.ddp`), beside the plain attacks.
+(`mico_jax.ddp`), beside the plain attacks. Targets are read
+`--models_per_read` at a time (`mico_io.observe_release`): only their
+statistics are kept, so MICO's SST-2 scenarios (200 RoBERTa-base models,
+~100 GB of weights) import in a few GB of memory.
 
 Writes, under --workdir:
   submission.zip       MICO's layout: <task>/<task>_<s>/{dev,final}/model_<i>/
@@ -24,7 +27,9 @@ Writes, under --workdir:
                        every phase whose solutions are known (train: local
                        validation; dev/final with --solutions_dir)
   roc.png, report.md   ROC curves; tables, shadows used and the recipe check
-  <s>/weights.npz      the imported weights (reused while model files match)
+  <s>/targets/         the targets' statistics, a file per group of
+                       --models_per_read models (reused while model files,
+                       data, queries and code match)
   <s>/trained/         fresh shadows' params and statistics (reused)
 The recipe check sets fresh shadows' train/eval accuracy and mean IN - OUT
 statistic gap beside the targets' and warns when they differ beyond noise.
@@ -80,6 +85,11 @@ _SUBMIT = flags.DEFINE_string(
 _DDP_REFERENCES = flags.DEFINE_integer(
     "ddp_references", 8, "<task>_ddp: reference models per target on its"
     " revealed training set (see experiments.run --helpfull).", lower_bound=2)
+_PER_READ = flags.DEFINE_integer(
+    "models_per_read", 0, "Targets read and observed at once (their weights"
+    " held together); 0: as many as fit in"
+    f" {mico_io.READ_BUDGET_BYTES / 2**30:g} GiB of weights (every model of"
+    " CIFAR-10 or Purchase-100; 4 roberta-base models).", lower_bound=0)
 _WAVE_SIZE = flags.DEFINE_integer(
     "wave_size", None, "Fresh shadows trained at once (default: the task's).",
     lower_bound=0)
@@ -209,12 +219,11 @@ def attack_scenario(task, scenario, folder, dataset, queries, workdir,
                                   task.len_training, task.len_challenge,
                                   solutions)
   model = task.make_model(dataset.num_classes)
-  params = mico_io.load_params(release, model, dataset.x,
-                               os.path.join(workdir, scenario, "weights.npz"),
-                               log)
   log(f"[{release.name}] statistics of {len(release.folders)} targets on"
       f" {len(dataset)} points x {len(queries)} queries")
-  target_stats = pipeline.observe(model, params, dataset, queries)
+  target_stats = mico_io.observe_release(
+      release, model, dataset, queries, models_per_read=_PER_READ.value,
+      cache_dir=os.path.join(workdir, scenario, "targets"), log=log)
   ddp_only, ddp_note = (ddp_scores(task, release, model, dataset, queries,
                                    target_stats, workdir, log)
                         if scenario == ddp.SCENARIO else ({}, None))

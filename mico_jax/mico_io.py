@@ -16,8 +16,10 @@ phases `train/`, `dev/`, `final/` of `model_<i>/` folders (any subset here):
 Weights are read with `torch.load(weights_only=True)`, which refuses any pickle
 that is not plain tensors without running it; torch is imported only then.
 They become our flax parameters (PyTorch's OIHW conv kernels -> HWIO, Linear
-`[out, in]` -> `[in, out]`), stacked over the models of a scenario and cached
-as npz so torch is needed once.
+`[out, in]` -> `[in, out]`). `observe_release` reads a scenario's models a
+group at a time (MICO's 200 SST-2 models of one scenario are ~100 GB of
+weights), computes their statistics and caches those, not the weights: a
+rerun needs neither torch nor the weights.
 
 A submission is MICO's starting kit's zip: one `prediction.csv` (a comma row
 of values in [0, 1]) per dev/final model at
@@ -25,6 +27,7 @@ of values in [0, 1]) per dev/final model at
 scorer reads under `res/`.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,16 +36,18 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from typing import Mapping, Sequence
 
-from flax import traverse_util
 import jax
 import numpy as np
 
 from mico_jax import challenge as challenge_lib
-from mico_jax import models
+from mico_jax import checkpoint, models, parallel, pipeline, pretrained
 from mico_jax import roberta
+from mico_jax import stats as stats_lib
+from mico_jax.data import Dataset
 
 SCENARIOS = ("inf", "hi", "lo", "ddp")
 SUBMITTED_PHASES = ("dev", "final")
@@ -214,31 +219,18 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       holds anything but a mapping of names to tensors (refused by
       `weights_only=True` before any of it runs).
   """
+  with _as_mico_error():
+    state = pretrained.read_torch_state(path)
+  return {k.removeprefix(_DP_PREFIX): v for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _as_mico_error():
+  """A pretrained folder's error, raised as this module's (same message)."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise MicoIOError(
-        f"{path}: reading PyTorch weights needs torch (pip install torch;"
-        " the CPU build is enough)") from e
-  import pickle  # pylint: disable=g-import-not-at-top
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise MicoIOError(
-        f"{path}: refused: holds objects other than tensors (not loaded)"
-    ) from e
-  except FileNotFoundError as e:
-    raise MicoIOError(f"{path}: no such file") from e
-  except Exception as e:  # pylint: disable=broad-except
-    # torch reports truncated or foreign files as RuntimeError, EOFError...
-    raise MicoIOError(f"{path}: not a readable PyTorch file (truncated or"
-                      f" damaged: {type(e).__name__})") from e
-  if not isinstance(state, Mapping) or not all(
-      isinstance(k, str) and isinstance(v, torch.Tensor)
-      for k, v in state.items()):
-    raise MicoIOError(f"{path}: not a state_dict of named tensors")
-  return {k.removeprefix(_DP_PREFIX): v.detach().to(torch.float32).numpy()
-          for k, v in state.items()}
+    yield
+  except pretrained.FolderError as e:
+    raise MicoIOError(str(e)) from e
 
 
 def to_flax(state: Mapping[str, np.ndarray], model, params_like,
@@ -274,61 +266,22 @@ def to_flax(state: Mapping[str, np.ndarray], model, params_like,
   return {"params": params}
 
 
-# Fields of `config.json` that change a RoBERTa's numbers (not its init).
-_ROBERTA_FIELDS = tuple(f.name for f in dataclasses.fields(
-    roberta.RobertaConfig) if f.name != "initializer_range")
-
-
-def _read_transformer(folder: str, model, params_like) -> dict:
-  """A Hugging Face RoBERTa folder (MICO's SST-2) as the task model's params.
-
-  MICO's `train_sst2.py` saves with `Trainer.save_model`: `config.json` and
-  `pytorch_model.bin` (`model.safetensors` in newer transformers; read first,
-  without torch). The folder's architecture must be the task's: every field
-  of `config.json` that changes the model's outputs is compared.
-  """
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.exists(config_path):
-    raise MicoIOError(f"{config_path}: missing (a RoBERTa model folder needs"
-                      " config.json)")
-  try:
-    config = roberta.RobertaConfig.from_json(config_path)
-  except (OSError, ValueError, TypeError) as e:
-    raise MicoIOError(f"{config_path}: not a RoBERTa config ({e})") from e
-  for field in _ROBERTA_FIELDS:
-    got, want = getattr(config, field), getattr(model.config, field)
-    if got != want:
-      raise MicoIOError(f"{config_path}: {field} = {got}, the task's model"
-                        f" has {want} (not the task's RoBERTa)")
-  for name in ("model.safetensors", "pytorch_model.bin"):
-    path = os.path.join(folder, name)
-    if os.path.exists(path):
-      break
-  else:
-    raise MicoIOError(f"{folder}: no model.safetensors or pytorch_model.bin")
-  if name == "pytorch_model.bin":
-    state = read_state_dict(path)
-  else:
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    try:
-      state = load_file(path)
-    except Exception as e:  # pylint: disable=broad-except
-      raise MicoIOError(f"{path}: not a readable safetensors file (truncated"
-                        f" or damaged: {type(e).__name__})") from e
-  try:
-    found, missing = roberta.from_torch_names(state, params_like)
-  except ValueError as e:
-    raise MicoIOError(f"{path}: {e}") from e
-  if missing:
-    raise MicoIOError(f"{path}: missing key {roberta.torch_name(missing[0])}")
-  return {"params": traverse_util.unflatten_dict(
-      {k: np.asarray(v, np.float32) for k, v in found.items()}, sep="/")}
+_SST2_FILES = ("from MICO's release: each SST-2 model folder holds config.json"
+               " and pytorch_model.bin")
 
 
 def read_weights(folder: str, model, params_like) -> dict:
-  """The flax params of the model stored in one MICO model folder."""
+  """The flax params of the model stored in one MICO model folder.
+
+  SST-2 folders are Hugging Face RoBERTa folders (`Trainer.save_model`:
+  `config.json` and `pytorch_model.bin`, or `model.safetensors`), read by
+  `pretrained.load_roberta_folder`, which first checks that `config.json`
+  is the task's architecture.
+  """
   if isinstance(model, roberta.RobertaClassifier):
-    return _read_transformer(folder, model, params_like)
+    with _as_mico_error():
+      return pretrained.load_roberta_folder(folder, expected=model.config,
+                                            get=_SST2_FILES)[1]
   path = os.path.join(folder, "model.pt")
   if not os.path.exists(path):
     if os.path.exists(os.path.join(folder, "config.json")):
@@ -338,50 +291,119 @@ def read_weights(folder: str, model, params_like) -> dict:
   return to_flax(read_state_dict(path), model, params_like, path)
 
 
-def _weights_fingerprint(folders: Sequence[str], model) -> str:
-  described = [repr(model)]
+def load_params(release: ScenarioRelease, model, example_x: np.ndarray,
+                rows: Sequence[int] | None = None):
+  """Models `rows` (default all) of a scenario as one stacked flax pytree.
+
+  The stack is allocated first and filled one model at a time, so reading
+  holds the group plus one model.
+  """
+  rows = range(len(release.folders)) if rows is None else rows
+  params_like = jax.eval_shape(model.init, jax.random.key(0), example_x[:1])
+  stacked = jax.tree.map(
+      lambda a: np.empty((len(rows), *a.shape), a.dtype), params_like)
+  for k, row in enumerate(rows):
+    one = read_weights(release.folders[row], model, params_like)
+    jax.tree.map(lambda out, a, k=k: out.__setitem__(k, a), stacked, one)
+  return stacked
+
+
+# Host memory for one group's stacked weights (`default_models_per_read`).
+READ_BUDGET_BYTES = 2 * 2**30
+
+
+def default_models_per_read(model, example_x: np.ndarray, num_models: int,
+                            budget_bytes: int = READ_BUDGET_BYTES) -> int:
+  """How many models `observe_release` reads at once: as many as fit in
+  `budget_bytes` of float32 weights (all of CIFAR-10's or Purchase-100's
+  200; 4 roberta-base models of 125M parameters), at least one."""
+  params_like = jax.eval_shape(model.init, jax.random.key(0), example_x[:1])
+  size = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params_like))
+  return int(np.clip(budget_bytes // max(size, 1), 1, max(num_models, 1)))
+
+
+def _file_stamps(folders: Sequence[str]) -> list[str]:
+  """Each model file's path, size and modification time."""
+  stamps = []
   for folder in folders:
     for name in ("model.pt", "pytorch_model.bin", "model.safetensors",
                  "config.json"):
       path = os.path.join(folder, name)
       if os.path.exists(path):
         stat = os.stat(path)
-        described.append(f"{os.path.abspath(path)}:{stat.st_size}:"
-                         f"{stat.st_mtime_ns}")
-  return hashlib.sha256("\n".join(described).encode()).hexdigest()[:24]
+        stamps.append(f"{os.path.abspath(path)}:{stat.st_size}:"
+                      f"{stat.st_mtime_ns}")
+  return stamps
 
 
-def load_params(release: ScenarioRelease, model, example_x: np.ndarray,
-                cache: str | None = None, log=print):
-  """Every model of a scenario as one stacked flax pytree (leading axis K).
+def _data_digest(dataset: Dataset) -> str:
+  digest = hashlib.sha256()
+  for a in (dataset.x, dataset.y):
+    a = np.ascontiguousarray(a)
+    digest.update(f"{a.dtype}{a.shape}".encode())
+    digest.update(memoryview(a).cast("B"))
+  return digest.hexdigest()[:16]
 
-  With `cache` (an npz path), weights read once are reused while the model
-  files are unchanged (same paths, sizes and modification times), so torch is
-  needed only the first time.
+
+def observe_release(release: ScenarioRelease, model, dataset: Dataset,
+                    queries: Sequence[stats_lib.Query], *,
+                    models_per_read: int = 0, cache_dir: str | None = None,
+                    mesh=None, log=print) -> stats_lib.Stats:
+  """Statistics of every model of a scenario, reading a group at a time.
+
+  The models are read and observed (`pipeline.observe`) in groups of at most
+  `models_per_read` (0: `default_models_per_read`), so no
+  more than one group's weights are held; groups are as even as possible and
+  the last is padded with copies of its last model, so one shape compiles.
+  Results equal observing all models at once.
+
+  With `cache_dir`, each group's statistics are saved there
+  (`targets_<first>-<last>.npz`) and reused while the model files (paths,
+  sizes, modification times), the model, the data, the queries and the code
+  are the same: a rerun, or a run stopped part way, reads only what changed.
   """
-  params_like = jax.eval_shape(model.init, jax.random.key(0), example_x[:1])
-  treedef = jax.tree.structure(params_like)
-  fingerprint = _weights_fingerprint(release.folders, model)
-  if cache and os.path.exists(cache):
-    try:
-      with np.load(cache) as f:
-        if str(f["fingerprint"]) == fingerprint:
-          if log:
-            log(f"[{release.name}] weights from {cache}")
-          return jax.tree.unflatten(
-              treedef, [f[f"leaf_{i}"] for i in range(treedef.num_leaves)])
-    except Exception:  # pylint: disable=broad-except
-      pass  # A damaged cache is rebuilt below.
-  if log:
-    log(f"[{release.name}] reading {len(release.folders)} PyTorch models")
-  per_model = [read_weights(folder, model, params_like)
-               for folder in release.folders]
-  params = jax.tree.map(lambda *a: np.stack(a), *per_model)
-  if cache:
-    leaves = {f"leaf_{i}": a for i, a in enumerate(jax.tree.leaves(params))}
-    atomic_write(cache, lambda f: np.savez(
-        f, fingerprint=np.array(fingerprint), **leaves), binary=True)
-  return params
+  total = len(release.folders)
+  limit = models_per_read or default_models_per_read(model, dataset.x, total)
+  group = -(-total // -(-total // limit))  # even groups of at most `limit`
+  description = {"model": repr(model), "dataset": dataset.name,
+                 "pool_size": len(dataset), "data": _data_digest(dataset),
+                 "queries": [repr(q) for q in queries]}
+  parts = []
+  for first in range(0, total, group):
+    rows = np.arange(first, min(first + group, total))
+    span = f"targets {rows[0]}-{rows[-1]} of {total}"
+    path = cache_dir and os.path.join(cache_dir,
+                                      f"targets_{rows[0]}-{rows[-1]}.npz")
+    described = dict(description, files=_file_stamps(
+        [release.folders[r] for r in rows]))
+    if path:
+      try:
+        saved = checkpoint.load_results(path, described, None)
+      except checkpoint.CheckpointError as e:
+        saved = None
+        if log:
+          log(f"[{release.name}] {span}: not reusing saved statistics ({e})")
+      if saved:
+        parts.append(saved[1])
+        if log:
+          log(f"[{release.name}] {span}: statistics from {path}")
+        continue
+    start = time.perf_counter()
+    params = load_params(release, model, dataset.x, rows)
+    if len(rows) < group:  # copies of the last model fill the group
+      params = jax.tree.map(
+          lambda a: a[np.minimum(np.arange(group), len(rows) - 1)], params)
+    read = time.perf_counter() - start
+    observed = pipeline.observe(model, params, dataset, queries, mesh)
+    del params
+    observed = stats_lib.Stats(*(a[:len(rows)] for a in observed))
+    if log:
+      log(f"[{release.name}] {span}: read in {read:.1f}s, statistics in"
+          f" {time.perf_counter() - start - read:.1f}s")
+    if path and parallel.is_main_process():
+      checkpoint.save_results(path, described, None, observed)
+    parts.append(observed)
+  return stats_lib.Stats(*(np.concatenate(a) for a in zip(*parts)))
 
 
 # --- submissions -----------------------------------------------------------

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,38 +37,87 @@ class FolderError(ValueError):
   """A pretrained folder lacks a file or holds something unusable."""
 
 
-def _file(folder: str, *names: str) -> str:
+def _file(folder: str, *names: str, get: str = _GET) -> str:
   """The first of `names` present in `folder`, else a FolderError."""
   for name in names:
     path = os.path.join(folder, name)
     if os.path.isfile(path):
       return path
-  raise FolderError(f"{folder}: no {' or '.join(names)}; get it {_GET}")
+  raise FolderError(f"{folder}: no {' or '.join(names)}; get it {get}")
 
 
-def read_config(folder: str) -> RobertaConfig:
+def read_config(folder: str, get: str = _GET) -> RobertaConfig:
   """The folder's `config.json` as a `RobertaConfig`."""
-  path = _file(folder, "config.json")
+  path = _file(folder, "config.json", get=get)
   try:
     return RobertaConfig.from_json(path)
-  except (ValueError, TypeError) as e:
-    raise FolderError(f"{path}: {e}") from e
+  except (OSError, ValueError, TypeError) as e:
+    raise FolderError(f"{path}: not a RoBERTa config ({e})") from e
+
+
+# Fields of `config.json` that change a RoBERTa's numbers (not its init).
+_ARCHITECTURE = tuple(f.name for f in dataclasses.fields(RobertaConfig)
+                      if f.name != "initializer_range")
+
+
+def check_config(config: RobertaConfig, expected: RobertaConfig,
+                 path: str) -> None:
+  """Every field that changes the model's outputs must be `expected`'s."""
+  for field in _ARCHITECTURE:
+    got, want = getattr(config, field), getattr(expected, field)
+    if got != want:
+      raise FolderError(f"{path}: {field} = {got}, the task's model has"
+                        f" {want} (not the task's RoBERTa)")
+
+
+def read_torch_state(path: str) -> dict[str, np.ndarray]:
+  """A PyTorch state dict (`torch.save`) as float32 arrays.
+
+  Read with `torch.load(weights_only=True)`, which refuses any pickle that is
+  not plain tensors without running it; torch is imported only here.
+  Non-float tensors (buffers such as `position_ids`) are left out.
+
+  Raises:
+    FolderError: torch is missing, the file is unreadable or truncated, or
+      holds anything but a mapping of names to tensors.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise FolderError(
+        f"{path}: reading PyTorch weights needs torch (pip install torch;"
+        " the CPU build is enough)") from e
+  import pickle  # pylint: disable=g-import-not-at-top
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise FolderError(
+        f"{path}: refused: holds objects other than tensors (not loaded)"
+    ) from e
+  except FileNotFoundError as e:
+    raise FolderError(f"{path}: no such file") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # torch reports truncated or foreign files as RuntimeError, EOFError...
+    raise FolderError(f"{path}: not a readable PyTorch file (truncated or"
+                      f" damaged: {type(e).__name__})") from e
+  if not isinstance(state, Mapping) or not all(
+      isinstance(k, str) and isinstance(v, torch.Tensor)
+      for k, v in state.items()):
+    raise FolderError(f"{path}: not a state_dict of named tensors")
+  return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()
+          if torch.is_floating_point(v)}
 
 
 def _read_state(path: str) -> dict[str, np.ndarray]:
   """Checkpoint name -> float array, from safetensors or a PyTorch pickle."""
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(path)
+  if not path.endswith(".safetensors"):
+    return read_torch_state(path)
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise FolderError(f"{path}: reading pytorch_model.bin needs torch"
-                      " (pip install torch), or convert the folder to"
-                      " model.safetensors") from None
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  return {k: v.float().numpy() for k, v in state.items()
-          if torch.is_floating_point(v)}
+    return load_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise FolderError(f"{path}: not a readable safetensors file (truncated"
+                      f" or damaged: {type(e).__name__})") from e
 
 
 def _cache_path(weights: str, cache_dir: str) -> str:
@@ -86,8 +135,9 @@ def default_cache_dir() -> str:
 
 
 def load_roberta_folder(path: str, *, require_head: bool = True,
-                        cache_dir: str | None = None
-                        ) -> tuple[RobertaConfig, dict]:
+                        cache_dir: str | None = None,
+                        expected: RobertaConfig | None = None,
+                        get: str = _GET) -> tuple[RobertaConfig, dict]:
   """A RoBERTa checkpoint folder's architecture and parameters.
 
   Args:
@@ -99,15 +149,21 @@ def load_roberta_folder(path: str, *, require_head: bool = True,
     cache_dir: where to keep a `pytorch_model.bin` once converted (npz), so
       later loads need no torch and no unpickling; None: no cache. Safetensors
       files are read directly (memory-mapped, fast).
+    expected: if given, the architecture the folder must have (checked from
+      `config.json` before any weights are read; `check_config`).
+    get: where a missing file comes from, said in the error.
 
   Returns:
     (config, `{"params": ...}` for `RobertaClassifier(config)`, float32 numpy).
 
   Raises:
-    FolderError: a file is missing or a parameter absent or misshapen.
+    FolderError: a file is missing, unreadable or of another architecture, or
+      a parameter is absent or misshapen.
   """
-  config = read_config(path)
-  weights = _file(path, "model.safetensors", "pytorch_model.bin")
+  config = read_config(path, get)
+  if expected is not None:
+    check_config(config, expected, os.path.join(path, "config.json"))
+  weights = _file(path, "model.safetensors", "pytorch_model.bin", get=get)
   cached = cache_dir and not weights.endswith(".safetensors") and _cache_path(
       weights, cache_dir)
   if cached and os.path.isfile(cached):
@@ -124,9 +180,10 @@ def load_roberta_folder(path: str, *, require_head: bool = True,
     if not require_head:
       missing = [m for m in missing if not m.startswith("classifier/")]
     if missing:
-      raise FolderError(f"{weights}: no {len(missing)} parameters, e.g."
-                        f" {missing[0]}; not a RoBERTa checkpoint?")
-    flat = {k: v.astype(np.float32) for k, v in flat.items()}
+      more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+      raise FolderError(f"{weights}: missing key {torch_name(missing[0])}"
+                        f"{more}; not a RoBERTa checkpoint?")
+    flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     if cached:
       os.makedirs(cache_dir, exist_ok=True)
       tmp = cached + ".tmp.npz"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mico_jax import mico_io, pretrained, tasks
+from mico_jax import data, mico_io, pipeline, pretrained, stats, tasks
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_roberta")
 # A small pool: N, n, m.
@@ -55,8 +55,7 @@ def _perturbed_fixture(folder, seed):
 
 def _read(root, model, tokens):
   release = mico_io.read_scenario(str(root), "inf", *_SIZES)
-  params = mico_io.load_params(release, model, tokens,
-                               str(root.parent / "weights.npz"), log=None)
+  params = mico_io.load_params(release, model, tokens)
   return release, params
 
 
@@ -131,7 +130,7 @@ def test_bad_sst2_folders_are_one_clear_line(tmp_path):
     _read_one(_folder_with(tmp_path / "a", dict(config, num_hidden_layers=3)))
   with pytest.raises(mico_io.MicoIOError, match="vocab_size = 50265"):
     _read_one(_folder_with(tmp_path / "b", dict(config, vocab_size=50265)))
-  with pytest.raises(mico_io.MicoIOError, match="config.json: missing"):
+  with pytest.raises(mico_io.MicoIOError, match="model_0: no config.json"):
     _read_one(_folder_with(tmp_path / "c"))
   with pytest.raises(mico_io.MicoIOError,
                      match="no model.safetensors or pytorch_model.bin"):
@@ -165,3 +164,67 @@ def test_params_tree_matches_the_task_model(tmp_path):
       tmp_path, json.load(open(os.path.join(FIXTURE, "config.json")))))
   assert (set(traverse_util.flatten_dict(read, sep="/")) ==
           set(traverse_util.flatten_dict(like, sep="/")))
+
+
+def _pool(size, seed=0):
+  """Random RoBERTa inputs for the fixture: <s>, tokens, </s>, padding."""
+  rng = np.random.default_rng(seed)
+  tokens = np.ones((size, 8), np.int32)
+  tokens[:, 0] = 0
+  for row, length in enumerate(rng.integers(3, 9, size)):
+    tokens[row, 1:length - 1] = rng.integers(3, 24, length - 2)
+    tokens[row, length - 1] = 2
+  return data.Dataset("pool", tokens, rng.integers(0, 2, size).astype(
+      np.int32), 2, "text")
+
+
+def test_release_read_in_groups_equals_all_at_once_and_is_reused(
+    tmp_path, monkeypatch):
+  root = tmp_path / "sst2" / "sst2_inf"
+  for index in range(5):
+    _perturbed_fixture(_model_folder(root, "train", index, (
+        index + 1, index + 11, index + 21)), seed=index)
+  release = mico_io.read_scenario(str(root), "inf", *_SIZES)
+  dataset, model = _pool(_SIZES[0]), _task_model()
+  queries = stats.default_queries(dataset)
+  whole = pipeline.observe(model, mico_io.load_params(release, model,
+                                                      dataset.x),
+                           dataset, queries)
+  read = []
+  reader = mico_io.read_weights
+  monkeypatch.setattr(mico_io, "read_weights",
+                      lambda folder, *a: read.append(folder) or reader(
+                          folder, *a))
+
+  def observe(lines):
+    return mico_io.observe_release(
+        release, model, dataset, queries, models_per_read=2,
+        cache_dir=str(tmp_path / "targets"), log=lines.append)
+
+  lines = []
+  # Groups 0-1, 2-3 and 4 (padded with a copy of 4): one model read once.
+  for ours, theirs in zip(observe(lines), whole):
+    np.testing.assert_array_equal(ours, theirs)
+  assert read == list(release.folders)
+  assert sorted(os.listdir(tmp_path / "targets")) == [
+      "targets_0-1.npz", "targets_2-3.npz", "targets_4-4.npz"]
+  assert sum("read in" in line for line in lines) == 3
+  # A changed model file: only its group is read again.
+  os.utime(os.path.join(release.folders[3], "model.safetensors"),
+           ns=(0, 0))
+  read.clear()
+  lines = []
+  for ours, theirs in zip(observe(lines), whole):
+    np.testing.assert_array_equal(ours, theirs)
+  assert read == list(release.folders[2:4])
+  assert sum("statistics from" in line for line in lines) == 2
+
+
+def test_default_models_per_read_from_the_budget():
+  model = _task_model()
+  x = np.zeros((1, 8), np.int32)
+  like = jax.eval_shape(model.init, jax.random.key(0), x)
+  size = sum(a.size * 4 for a in jax.tree.leaves(like))
+  assert mico_io.default_models_per_read(model, x, 200, 3 * size + 1) == 3
+  assert mico_io.default_models_per_read(model, x, 200, size - 1) == 1
+  assert mico_io.default_models_per_read(model, x, 200, 10**12) == 200
