@@ -282,13 +282,27 @@ def read_weights(folder: str, model, params_like) -> dict:
     with _as_mico_error():
       return pretrained.load_roberta_folder(folder, expected=model.config,
                                             get=_SST2_FILES)[1]
+  path = check_folder(folder, model)
+  return to_flax(read_state_dict(path), model, params_like, path)
+
+
+def check_folder(folder: str, model) -> str:
+  """The model file of a folder, checked without reading the weights (for
+  RoBERTa, `config.json` against the model's architecture too).
+
+  Raises:
+    MicoIOError: a file is missing or of another architecture.
+  """
+  if isinstance(model, roberta.RobertaClassifier):
+    with _as_mico_error():
+      return pretrained.check_folder(folder, model.config, _SST2_FILES)[1]
   path = os.path.join(folder, "model.pt")
   if not os.path.exists(path):
     if os.path.exists(os.path.join(folder, "config.json")):
       raise MicoIOError(f"{folder}: a RoBERTa folder, but the task's model is"
                         f" {type(model).__name__}")
     raise MicoIOError(f"{path}: missing model file")
-  return to_flax(read_state_dict(path), model, params_like, path)
+  return path
 
 
 def load_params(release: ScenarioRelease, model, example_x: np.ndarray,
@@ -355,13 +369,16 @@ def observe_release(release: ScenarioRelease, model, dataset: Dataset,
   `models_per_read` (0: `default_models_per_read`), so no
   more than one group's weights are held; groups are as even as possible and
   the last is padded with copies of its last model, so one shape compiles.
-  Results equal observing all models at once.
+  Results equal observing all models at once. Every folder's files (and
+  RoBERTa config) are checked before the first group is read.
 
   With `cache_dir`, each group's statistics are saved there
   (`targets_<first>-<last>.npz`) and reused while the model files (paths,
   sizes, modification times), the model, the data, the queries and the code
   are the same: a rerun, or a run stopped part way, reads only what changed.
   """
+  for folder in release.folders:  # fail in seconds, not after hours
+    check_folder(folder, model)
   total = len(release.folders)
   limit = models_per_read or default_models_per_read(model, dataset.x, total)
   group = -(-total // -(-total // limit))  # even groups of at most `limit`

@@ -181,7 +181,9 @@ def observe(model, params, dataset: Dataset, queries: Sequence[stats.Query],
   mesh = mesh or parallel.make_mesh()
   num_models = jax.tree.leaves(params)[0].shape[0]
   rows = parallel.pad_indices(num_models, mesh)
-  params = parallel.put_models(jax.tree.map(lambda a: a[rows], params), mesh)
+  if len(rows) > num_models:  # copies only where padding is needed
+    params = jax.tree.map(lambda a: a[rows], params)
+  params = parallel.put_models(params, mesh)
   observed = stats.compute_stats(model.apply, params, dataset.x, dataset.y,
                                  queries, to_host=parallel.to_host)
   return stats.Stats(*(a[:num_models] for a in observed))

@@ -134,6 +134,18 @@ def default_cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "mico_jax")
 
 
+def check_folder(path: str, expected: RobertaConfig | None = None,
+                 get: str = _GET) -> tuple[RobertaConfig, str]:
+  """A RoBERTa folder's config (checked against `expected` if given) and its
+  weights file, without reading the weights: a quick check of many folders.
+  """
+  config = read_config(path, get)
+  if expected is not None:
+    check_config(config, expected, os.path.join(path, "config.json"))
+  return config, _file(path, "model.safetensors", "pytorch_model.bin",
+                       get=get)
+
+
 def load_roberta_folder(path: str, *, require_head: bool = True,
                         cache_dir: str | None = None,
                         expected: RobertaConfig | None = None,
@@ -160,10 +172,7 @@ def load_roberta_folder(path: str, *, require_head: bool = True,
     FolderError: a file is missing, unreadable or of another architecture, or
       a parameter is absent or misshapen.
   """
-  config = read_config(path, get)
-  if expected is not None:
-    check_config(config, expected, os.path.join(path, "config.json"))
-  weights = _file(path, "model.safetensors", "pytorch_model.bin", get=get)
+  config, weights = check_folder(path, expected, get)
   cached = cache_dir and not weights.endswith(".safetensors") and _cache_path(
       weights, cache_dir)
   if cached and os.path.isfile(cached):

@@ -218,6 +218,13 @@ def test_release_read_in_groups_equals_all_at_once_and_is_reused(
     np.testing.assert_array_equal(ours, theirs)
   assert read == list(release.folders[2:4])
   assert sum("statistics from" in line for line in lines) == 2
+  # A folder lacking a file stops the import before any model is read.
+  os.remove(os.path.join(release.folders[4], "config.json"))
+  read.clear()
+  with pytest.raises(mico_io.MicoIOError, match="model_4: no config.json"):
+    mico_io.observe_release(release, model, dataset, queries,
+                            models_per_read=2, log=None)
+  assert not read
 
 
 def test_default_models_per_read_from_the_budget():
