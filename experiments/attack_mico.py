@@ -87,9 +87,10 @@ _DDP_REFERENCES = flags.DEFINE_integer(
     " revealed training set (see experiments.run --helpfull).", lower_bound=2)
 _PER_READ = flags.DEFINE_integer(
     "models_per_read", 0, "Targets read and observed at once (their weights"
-    " held together); 0: as many as fit in"
-    f" {mico_io.READ_BUDGET_BYTES / 2**30:g} GiB of weights (every model of"
-    " CIFAR-10 or Purchase-100; 4 roberta-base models).", lower_bound=0)
+    " and a statistics batch's activations held together); 0: as many as"
+    f" fit in {mico_io.READ_BUDGET_BYTES / 2**30:g} GiB of weights (4"
+    f" roberta-base models), at most {mico_io.MAX_MODELS_PER_READ}.",
+    lower_bound=0)
 _WAVE_SIZE = flags.DEFINE_integer(
     "wave_size", None, "Fresh shadows trained at once (default: the task's).",
     lower_bound=0)

@@ -1,27 +1,32 @@
 r"""Importing a MICO SST-2 scenario at its real count: memory and time by group.
 
   python -m experiments.import_scale --data_dir=../shared/data \
-      --out=/tmp/import_scale --models_per_read=8,200 [--roberta_base]
+      --out=/tmp/import_scale --models_per_read=8,200 \
+      --e2e_models=16 --e2e_models_per_read=2,16 [--measure=roberta_base]
 
 Writes a MICO-layout `sst2_inf` of `--num_models` RoBERTa folders (MICO's
-200 by default) under `--out`: a tiny random RoBERTa (`--hidden_size`, 2
-layers) with a word-level tokenizer over the pool's sentences as
+200) under `--out`: a tiny random RoBERTa (`--hidden_size`, 2 layers, 2
+heads) with a word-level tokenizer over the pool's sentences as
 `<out>/pretrained`, each model its weights moved at random, saved as
 `config.json` + `model.safetensors`, with seeds and solutions (the models
-learnt nothing: the attacks score chance). Then, for each
-`--models_per_read` G, runs `python -m experiments.attack_mico --task=sst2`
-on it (MICO's pool of 68,221 sentences, 67 tokens; `--fresh_shadows=0`) in a
-fresh workdir, and once more in the first G's workdir (statistics reused),
-and prints each run's wall time and peak resident memory (the child's
-`ru_maxrss`).
+learnt nothing: the attacks score chance). Then measures, each in a child
+process (wall time and peak resident memory, the child's `ru_maxrss`):
 
-`--roberta_base` adds what one real-size model costs: a random
+- for each `--models_per_read` G: `mico_io.observe_release` of all models on
+  the first `--points` points of MICO's pool (one batch of 512: the memory
+  of a full pass, a 133rd of its compute);
+- for each `--e2e_models_per_read` G: `python -m experiments.attack_mico
+  --task=sst2 --fresh_shadows=0` end to end on the first `--e2e_models`
+  models (MICO's pool of 68,221 sentences, 67 tokens), then once more in the
+  first G's workdir (statistics reused).
+
+`--measure=roberta_base` adds what one real-size model costs: a random
 `RobertaForSequenceClassification` of roberta-base's shape (transformers and
 torch; nothing downloaded) saved as MICO's `pytorch_model.bin` and as
 `model.safetensors`, the seconds to read each into our params, the seconds a
-point to compute its statistics (CPU, float32) and the peak memory of
-reading and observing a group of `--base_group` such models on a few points;
-from these, the time of a 200-model scenario.
+point to compute its statistics (CPU, float32), and the peak memory of
+reading a group of `--base_group` such models and observing them on a few
+points; from these, the hours of a 200-model scenario.
 """
 
 import dataclasses

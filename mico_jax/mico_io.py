@@ -324,16 +324,21 @@ def load_params(release: ScenarioRelease, model, example_x: np.ndarray,
 
 # Host memory for one group's stacked weights (`default_models_per_read`).
 READ_BUDGET_BYTES = 2 * 2**30
+# At most this many models a group by default: activations of a statistics
+# batch grow with the group too (200 tiny RoBERTas at once: 9.4 GiB, 8 at a
+# time: 1.4 GiB, and faster; experiments/RESULTS.md).
+MAX_MODELS_PER_READ = 16
 
 
 def default_models_per_read(model, example_x: np.ndarray, num_models: int,
                             budget_bytes: int = READ_BUDGET_BYTES) -> int:
   """How many models `observe_release` reads at once: as many as fit in
-  `budget_bytes` of float32 weights (all of CIFAR-10's or Purchase-100's
-  200; 4 roberta-base models of 125M parameters), at least one."""
+  `budget_bytes` of float32 weights (4 roberta-base models of 125M
+  parameters), at least one and at most `MAX_MODELS_PER_READ`."""
   params_like = jax.eval_shape(model.init, jax.random.key(0), example_x[:1])
   size = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params_like))
-  return int(np.clip(budget_bytes // max(size, 1), 1, max(num_models, 1)))
+  return int(np.clip(budget_bytes // max(size, 1), 1,
+                     min(num_models, MAX_MODELS_PER_READ)))
 
 
 def _file_stamps(folders: Sequence[str]) -> list[str]:

@@ -234,4 +234,5 @@ def test_default_models_per_read_from_the_budget():
   size = sum(a.size * 4 for a in jax.tree.leaves(like))
   assert mico_io.default_models_per_read(model, x, 200, 3 * size + 1) == 3
   assert mico_io.default_models_per_read(model, x, 200, size - 1) == 1
-  assert mico_io.default_models_per_read(model, x, 200, 10**12) == 200
+  assert mico_io.default_models_per_read(model, x, 200, 10**12) == 16
+  assert mico_io.default_models_per_read(model, x, 5, 10**12) == 5
