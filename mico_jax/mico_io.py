@@ -371,9 +371,9 @@ def observe_release(release: ScenarioRelease, model, dataset: Dataset,
   """Statistics of every model of a scenario, reading a group at a time.
 
   The models are read and observed (`pipeline.observe`) in groups of at most
-  `models_per_read` (0: `default_models_per_read`), so no
-  more than one group's weights are held; groups are as even as possible and
-  the last is padded with copies of its last model, so one shape compiles.
+  `models_per_read` (0: `default_models_per_read`), so no more than one
+  group's weights are held; groups are as even as possible and the last is
+  padded with copies of its last model, so one shape compiles.
   Results equal observing all models at once. Every folder's files (and
   RoBERTa config) are checked before the first group is read.
 
