@@ -390,7 +390,7 @@ def observe_release(release: ScenarioRelease, model, dataset: Dataset,
   description = {"model": repr(model), "dataset": dataset.name,
                  "pool_size": len(dataset), "data": _data_digest(dataset),
                  "queries": [repr(q) for q in queries]}
-  parts = []
+  parts, spent = [], []  # seconds of each group computed here
   for first in range(0, total, group):
     rows = np.arange(first, min(first + group, total))
     span = f"targets {rows[0]}-{rows[-1]} of {total}"
@@ -420,8 +420,11 @@ def observe_release(release: ScenarioRelease, model, dataset: Dataset,
     del params
     observed = stats_lib.Stats(*(a[:len(rows)] for a in observed))
     if log:
+      took = time.perf_counter() - start
+      spent.append(took)
+      left = np.mean(spent) * -(-(total - rows[-1] - 1) // group)
       log(f"[{release.name}] {span}: read in {read:.1f}s, statistics in"
-          f" {time.perf_counter() - start - read:.1f}s")
+          f" {took - read:.1f}s; ~{left / 60:.0f} min left")
     if path and parallel.is_main_process():
       checkpoint.save_results(path, described, None, observed)
     parts.append(observed)
