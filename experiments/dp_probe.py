@@ -42,6 +42,9 @@ _LR = flags.DEFINE_float("lr", None, "Override the learning rate.")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", None, ["adam", "sgd"],
                                "Override the optimizer.")
 _MOMENTUM = flags.DEFINE_float("momentum", None, "Override SGD's momentum.")
+_DECAY_EVERY = flags.DEFINE_integer("decay_every", None,
+                                    "Override the lr decay's period (epochs).")
+_DECAY_RATE = flags.DEFINE_float("decay_rate", None, "Override the lr decay.")
 _CLIP = flags.DEFINE_float("clip_norm", None, "Override C.")
 _SIGMA = flags.DEFINE_float(
     "sigma", None, "Override σ (not DP then); default: the accountant's σ for"
@@ -55,7 +58,8 @@ def recipe() -> train.TrainConfig:
   config = TASKS[_TASK.value].scenarios[_SCENARIO.value]
   overrides = {"epochs": _EPOCHS.value, "batch_size": _BATCH.value,
                "learning_rate": _LR.value, "optimizer": _OPTIMIZER.value,
-               "momentum": _MOMENTUM.value}
+               "momentum": _MOMENTUM.value, "decay_every": _DECAY_EVERY.value,
+               "decay_rate": _DECAY_RATE.value}
   config = dataclasses.replace(
       config, **{k: v for k, v in overrides.items() if v is not None})
   if _CLIP.value is not None:

@@ -5,7 +5,7 @@ modelling; DP fine-tuning then only has to adapt good features (Li et al.,
 "Large Language Models Can Be Strong Differentially Private Learners"; Tramèr
 & Boneh, "Differentially Private Learning Needs Better Features"). The CPU
 stand-in: the same tiny RoBERTa as `sst2_tiny`, pretrained on the SST-2
-sentences that lie in no CPU task's pool (`sst2_tiny`'s 20,000 and
+sentences that lie in no CPU task's pool (`sst2_tiny`'s 60,000 and
 `sst2_cpu`'s 4,000 are left out, so no challenge point, member or not, is
 seen). Labels are never read. Two self-supervised losses, summed:
 RoBERTa's masked LM (15% of the tokens chosen, at most 6 a sentence; of those
@@ -19,7 +19,7 @@ The folder written is what `tasks.with_pretrained` loads: `config.json` and
 `model.safetensors` (the encoder; no classification head) as
 `pretrained.save_roberta_folder` writes them, and a `tokenizer.json`: the
 word-level tokenizer of `mico_jax.data.sst2.tokenize` (lower case; runs of
-letters and digits, or single other characters) over the 3,995 most frequent
+letters and digits, or single other characters) over the 1,995 most frequent
 words of the pretraining sentences, with RoBERTa's special ids (`<s>` 0,
 `<pad>` 1, `</s>` 2, `<unk>` 3, `<mask>` last) and its `<s> ... </s>`
 framing.

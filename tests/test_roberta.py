@@ -224,11 +224,12 @@ def test_sst2_tiny_fine_tunes_a_word_level_folder(tmp_path):
   from mico_jax.data import sst2  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   words = np.array(["good", "bad", "film", "is", "n't", "really", "'s", ","])
-  sentences = [" ".join(rng.choice(words, 4)) + f" {i}" for i in range(20_010)]
+  total = tasks.SST2_TINY.pool_size + 10
+  sentences = [" ".join(rng.choice(words, 4)) + f" {i}" for i in range(total)]
   labels = rng.integers(0, 2, len(sentences))
   os.makedirs(tmp_path / "data" / "sst2")
-  for name, rows in (("train.tsv", slice(0, 20_000)),
-                     ("dev.tsv", slice(20_000, None))):
+  for name, rows in (("train.tsv", slice(0, total - 10)),
+                     ("dev.tsv", slice(total - 10, None))):
     (tmp_path / "data" / "sst2" / name).write_text(
         "sentence\tlabel\n" + "".join(
             f"{s}\t{y}\n" for s, y in zip(sentences[rows], labels[rows])))
