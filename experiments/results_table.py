@@ -30,12 +30,22 @@ def load_runs(root: str) -> list[dict]:
     with open(path) as f:
       scores = json.load(f)
     for scenario, by_attack in scores.items():
-      with open(os.path.join(os.path.dirname(path), scenario,
-                             "run.json")) as f:
+      run_path = os.path.join(os.path.dirname(path), scenario, "run.json")
+      if not os.path.exists(run_path):
+        # A results folder copied without its run records: say so, go on.
+        print(f"{os.path.relpath(path, root)}: no {scenario}/run.json beside"
+              " it; its scores are left out", file=sys.stderr)
+        continue
+      with open(run_path) as f:
         run = json.load(f)
       # Older scores.json: {attack: metrics}, over all models pooled.
-      run["scores"] = (by_attack if set(by_attack) - {"audit"} <= set(PHASES)
-                       else {"all": by_attack})
+      if set(by_attack) - {"audit"} <= set(PHASES):
+        run["scores"] = by_attack
+      else:
+        run["scores"] = {"all": {k: v for k, v in by_attack.items()
+                                 if k != "audit"}}
+        if "audit" in by_attack:
+          run["scores"]["audit"] = by_attack["audit"]
       run["path"] = os.path.relpath(path, root)
       runs.append(run)
   order = {s: i for i, s in enumerate(SCENARIO_ORDER)}

@@ -155,6 +155,30 @@ def test_main_job_runs_location_from_data_dir(tmp_path):
   assert "| inf | 4 | 300 | 150 | 20 | 2 | 512 |" in table
 
 
+def test_results_table_reads_old_scores_and_skips_missing_runs(
+    tmp_path, capsys):
+  """An older scores.json ({attack: metrics} with an audit entry) gives its
+  attack rows and audit table; one without its run.json is named, not fatal."""
+  metrics = {"TPR_FPR_1000": 0.25, "TPR_FPR_100": 0.05, "AUC": 0.6}
+  audit = {"epsilon": 10.0, "natural": {"epsilon_lower_bound": 0.5,
+                                        "epsilon_gdp": 0.7}}
+  (tmp_path / "old" / "hi").mkdir(parents=True)
+  (tmp_path / "old" / "scores.json").write_text(json.dumps(
+      {"hi": {"loss": metrics, "audit": audit}}))
+  (tmp_path / "old" / "hi" / "run.json").write_text(json.dumps({
+      "task": "t", "scenario": "hi", "num_models": 2, "pool_size": 10,
+      "len_training": 5, "len_challenge": 2, "epsilon": 10.0,
+      "config": {"epochs": 1, "batch_size": 4}, "train_accuracy": 0.5,
+      "eval_accuracy": 0.5, "seconds": 1.0, "command": "c"}))
+  (tmp_path / "bare").mkdir()
+  (tmp_path / "bare" / "scores.json").write_text(json.dumps(
+      {"lo": {"loss": metrics}}))
+  table = results_table.markdown(results_table.load_runs(str(tmp_path)))
+  assert "| hi | all | loss | 0.250 | 0.050 | 0.600 |" in table
+  assert "| hi | 10.00 | 0.50 | 0.70 | – | – |" in table
+  assert "bare/scores.json: no lo/run.json" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setup,message", [
     ("none", "task location reads local files: pass --data_dir"),
     ("missing", "location/bangkok: no such file"),
