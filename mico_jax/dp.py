@@ -7,9 +7,10 @@ One DP-SGD step of one model (vmapped over K models by the `Trainer`):
   2. `clipped_grad_sum`: each example's gradient is scaled to L2 norm <= C and
      the results summed, without materialising per-example gradients for dense
      and convolution layers ("ghost norms", below).
-     `chunked_clipped_grad_sum` runs it on the rows nearly every batch fills,
-     then in small chunks up to the batch's last row, so the padding costs
-     little compute; the capacity, and so the accounting, is unchanged.
+     `chunked_clipped_grad_sum` runs it on a head of rows that holds most
+     batches whole, then in small chunks up to the batch's last row, so the
+     padding costs little compute; the capacity, and so the accounting, is
+     unchanged.
   3. `DPGradient`: adds N(0, σ²C²) to every coordinate, from the model's own
      per-step key, and divides by the *expected* batch size q·n (as Opacus
      does), so any optax optimizer then applies the update.
@@ -643,8 +644,8 @@ def chunked_clipped_grad_sum(apply_fn: Callable, params: PyTree,
     mask_B: bool; masked examples contribute nothing.
     clip_norm: C.
     chunk_size: rows per chunk after the head.
-    head_size: rows computed in one block whatever the mask: those nearly
-      every batch fills.
+    head_size: rows computed in one block whatever the mask (`DPGradient`:
+      most batches fit in it).
     method: "ghost" or "naive" (see `clipped_grad_sum`).
 
   Returns:
