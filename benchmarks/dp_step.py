@@ -23,6 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from mico_jax import dp, models, pipeline, train
 from benchmarks.vs_reference import matmul_peak
@@ -58,6 +59,18 @@ def _without_noise(gradient: dp.DPGradient) -> train.GradientFn:
             jax.tree.map(lambda g: g / gradient.expected_batch_size, grads))
 
   return gradient_fn
+
+
+def _expected_rows(mech: dp.Mechanism, head: int, chunk: int) -> float:
+  """Rows a DP step computes on average: the head, then whole chunks up
+  to the batch's last row (batch sizes Binomial(n, q), capped at the
+  capacity)."""
+  sizes = np.arange(mech.capacity + 1)
+  pmf = stats.binom.pmf(sizes, mech.dataset_size, mech.sample_rate)
+  head = min(head, mech.capacity)
+  chunk = min(chunk, mech.capacity - head)
+  chunks = np.ceil(np.maximum(sizes - head, 0) / chunk) if chunk else 0
+  return float(np.sum(pmf * (head + chunk * chunks)) / pmf.sum())
 
 
 def _prepare(trainer, num_models, x_N, y_N, args) -> Callable[[], object]:
@@ -130,7 +143,9 @@ def main():
         f" q = 1/{round(1 / mech.sample_rate)}, sigma ="
         f" {mech.noise_multiplier:.4f}, capacity {mech.capacity}; rows computed:"
         f" {ghost.gradient_fn.head_size}, then chunks of"
-        f" {ghost.gradient_fn.chunk_size} up to the largest batch")
+        f" {ghost.gradient_fn.chunk_size} up to the batch's last row,"
+        f" {_expected_rows(mech, ghost.gradient_fn.head_size, ghost.gradient_fn.chunk_size):.1f}"
+        f" on average")
   print(f"devices: {jax.devices()}; JAX f32 matmul peak"
         f" {peak / 1e9:.1f} GFLOP/s")
   print(f"\n{'step':<34}{'K':>4}{'ms/step':>10}{'ms/model':>10}"
