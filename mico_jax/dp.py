@@ -23,7 +23,9 @@ per-example weight gradient is a_bᵀ g_b, so its squared norm is
 norms), or ||a_bᵀ g_b||² from the instantiated per-example gradient, per
 layer whichever costs fewer FLOPs (P·(D + O) against D·O: "mixed ghost
 clipping"); the bias gradient is Σ_p g_bp. A convolution is a dense layer on
-its unfolded input patches, and is computed so during the DP forward pass.
+its unfolded input patches, and is computed so during the DP forward pass;
+its per-example kernel gradients are instantiated (`_instantiate`) unless
+too large, and give both its norms and its clipped sum Σ_b w_b a_bᵀ g_b.
 The g_b come from one backward pass to zero perturbations added to each
 layer's output (flax method interception, so models need no hooks). The
 clipped sum of weight gradients is then Σ_b w_b a_bᵀ g_b with
