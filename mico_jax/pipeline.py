@@ -133,7 +133,8 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
       every `save_every` steps, every `save_seconds` (at the next epoch end
       or checkpoint step), at the end and when interrupted.
     save_every: steps between checkpoints; 0: none by steps.
-    unroll: unroll each epoch's steps (see `train.Trainer`); speed only.
+    unroll: no loop in the compiled program (see `train.Trainer`); speed
+      only.
     save_seconds: wall-clock seconds between checkpoints; 0: none by time.
     training_seed: the run's secret seed of the training randomness (see
       `train.model_keys`).
@@ -210,8 +211,9 @@ class Execution:
       epoch end (0: none by time). Checkpoints are also taken at the end of
       training and on KeyboardInterrupt.
     reuse_only: only reuse trained models and statistics; never train.
-    unroll: unroll each epoch's training steps (see `train.Trainer`): XLA's
-      CPU backend runs convolutions far faster outside loops.
+    unroll: no loop in the compiled training program (see
+      `train.Trainer`): XLA's CPU backend runs convolutions far faster
+      outside loops.
   """
 
   mesh: Mesh | None = None
