@@ -129,8 +129,9 @@ class Workload:
 
   def jax_runner(self, num_models: int, steps: int) -> Callable[[], None]:
     """A compiled, warmed-up `steps`-step run of K models."""
-    # CNN steps unrolled: XLA:CPU runs convolution gradients ~4x slower
-    # inside the step loop even for one model (see RESULTS.md).
+    # CNN trainers unrolled (each model stepped from Python, no loop in the
+    # program): XLA:CPU runs convolution gradients ~4-40x slower inside a
+    # loop, even for one model (see RESULTS.md).
     unroll = self.name.startswith("cnn") and jax.default_backend() == "cpu"
     trainer = pipeline.make_trainer(self.model, self.config, self.n, unroll)
     train_KxT = jnp.tile(jnp.arange(self.n, dtype=jnp.int32), (num_models, 1))

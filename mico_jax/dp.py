@@ -24,7 +24,9 @@ per-example weight gradient is a_bᵀ g_b, so its squared norm is
 norms), or ||a_bᵀ g_b||² from the instantiated per-example gradient, per
 layer whichever costs fewer FLOPs (P·(D + O) against D·O: "mixed ghost
 clipping"); the bias gradient is Σ_p g_bp. A convolution is a dense layer on
-its unfolded input patches, and is computed so during the DP forward pass.
+its unfolded input patches, and is computed so during the DP forward pass;
+its per-example kernel gradients are instantiated (`_instantiate`) unless
+too large, and give both its norms and its clipped sum Σ_b w_b a_bᵀ g_b.
 The g_b come from one backward pass to zero perturbations added to each
 layer's output (flax method interception, so models need no hooks). The
 clipped sum of weight gradients is then Σ_b w_b a_bᵀ g_b with
@@ -427,6 +429,24 @@ def _unfold(module: nn.Conv, inputs: jax.Array) -> jax.Array:
       for offsets in itertools.product(*map(range, kernel))], -1)
 
 
+# Largest per-example kernel gradients `[B, D, O]` instantiated at once.
+_INSTANTIATE_FLOATS = 2**26
+
+
+def _instantiate(module: nn.Module, a_BxPxD: jax.Array,
+                 g_BxPxO: jax.Array) -> bool:
+  """Whether a layer's clipped sum comes from its per-example gradients.
+
+  A convolution's per-example kernel gradients a_bᵀ g_b cost what its
+  batch's kernel gradient costs, and give both the norms and (weighted) the
+  clipped sum, where ghost norms cost P²(D + O) per example and the clipped
+  sum another P·D·O: always fewer FLOPs, at B·D·O floats of memory.
+  """
+  batch, p, d = a_BxPxD.shape
+  return (type(module) is nn.Conv and p > 1 and  # pylint: disable=unidiomatic-typecheck
+          batch * d * g_BxPxO.shape[-1] <= _INSTANTIATE_FLOATS)
+
+
 def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
   """Squared norms of the per-example kernel gradients a_bᵀ g_b, cheaply."""
   _, p, d = a_BxPxD.shape
@@ -552,6 +572,7 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
 
   norm_sq_B = jnp.zeros(batch, jnp.float32)
   a_g = {}  # path -> (a `[B, P, D]`, g `[B, P, O]`)
+  kernels_B = {}  # path -> instantiated per-example kernel gradients
   for path, idx in by_path.items():
     module = calls[idx[0]].module
     if type(module) in _PER_EXAMPLE_LAYERS:
@@ -565,7 +586,11 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
                              for i in idx], 1).astype(jnp.float32)
             for t in (inputs, g_outputs))
     a_g[path] = a, g
-    norm_sq_B += _kernel_norm_sq(a, g)
+    if _instantiate(module, a, g):
+      kernels_B[path] = jnp.einsum("bpd,bpo->bdo", a, g, precision=_FULL)
+      norm_sq_B += jnp.sum(kernels_B[path] ** 2, (1, 2))
+    else:
+      norm_sq_B += _kernel_norm_sq(a, g)
     if module.use_bias:
       norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
 
@@ -595,12 +620,15 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
     name = ("params",) + path
     # Σ_b w_b a_bᵀ g_b, from the forward pass's a and the reweighted g.
     g = g * weight_B[:, None, None]
-    # As one 2-D product contracting the rows (b, p) in place: an einsum
-    # over both axes makes XLA:CPU copy a transposed `a` first.
-    grads[name + ("kernel",)] = jax.lax.dot_general(
-        a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]),
-        (((0,), (0,)), ((), ())), precision=_FULL).reshape(
-            flat[name + ("kernel",)].shape)
+    if path in kernels_B:
+      kernel = jnp.tensordot(weight_B, kernels_B[path], 1, precision=_FULL)
+    else:
+      # As one 2-D product contracting the rows (b, p) in place: an einsum
+      # over both axes makes XLA:CPU copy a transposed `a` first.
+      kernel = jax.lax.dot_general(
+          a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]),
+          (((0,), (0,)), ((), ())), precision=_FULL)
+    grads[name + ("kernel",)] = kernel.reshape(flat[name + ("kernel",)].shape)
     if calls[by_path[path][0]].module.use_bias:
       grads[name + ("bias",)] = g.sum((0, 1))
   for path, idx in by_path.items():

@@ -212,10 +212,14 @@ class Trainer:
       grads)` for the batch `x_N[idx_B]` (it gathers the rows itself, so it
       can skip masked ones); plain mean gradient by default, DP-SGD's clipped
       noisy sum otherwise.
-    unroll: unroll the steps of each `run` instead of looping (at the price
-      of compile time). Speed only.
+    unroll: no loop in the compiled program: `run` steps each group of
+      models from Python, one jitted step at a time (one compilation), where
+      otherwise it is one program that loops over steps (`scan`) and groups
+      (`lax.map`). XLA:CPU runs convolutions (their gradients above all)
+      inside loops on a kernel up to ~40x slower. Speed only: the same
+      models either way.
     model_group: models stepped together by `vmap`; the groups run one after
-      another (`lax.map`). None: all K on accelerators; on CPU one model per
+      another. None: all K on accelerators; on CPU one model per
       device (so a sharded models axis stays sharded). XLA:CPU runs a
       convolution vmapped over models ~10x slower than one model's, and
       inside a loop slower still; one model at a time, its convolutions
@@ -259,23 +263,51 @@ class Trainer:
                if jax.default_backend() == "cpu" else num_models)
     return group if num_models % group == 0 else num_models
 
-  @jax.jit(static_argnames=("self", "num_steps"))
+  def _step_group(self, models_G, step, x_N, y_N):
+    """One step of a group of models (leaves lead with the group's models)."""
+    if models_G[-1].shape[0] > 1:
+      return jax.vmap(self._one_step, in_axes=(0, 0, 0, 0, 0, None, None, None)
+                      )(*models_G, step, x_N, y_N)
+    # One model: no vmap at all (a vmapped convolution is slow on CPU).
+    one = self._one_step(*jax.tree.map(lambda v: v[0], models_G), step, x_N,
+                         y_N)
+    return jax.tree.map(lambda v: v[None], one)
+
   def run(self, state: TrainState, train_KxT: jax.Array, x_N: jax.Array,
           y_N: jax.Array, num_steps: int) -> tuple[TrainState, jax.Array]:
     """Advances all K models by `num_steps`; returns (state, mean loss [K])."""
+    if not self.unroll:
+      return self._run_compiled(state, train_KxT, x_N, y_N, num_steps)
     num_models = train_KxT.shape[0]
     group = self._group_size(num_models)
-    vmapped = jax.vmap(self._one_step,
-                       in_axes=(0, 0, 0, 0, 0, None, None, None))
+    models = (state.params, state.opt_state, state.sampler_state, state.key_K,
+              train_KxT)
+    groups, losses = [], []
+    for j in range(num_models // group):
+      params, opt_state, sampler_state, key_G, train_GxT = _take_group(
+          models, j, group)
+      losses.append([])
+      for offset in range(num_steps):
+        params, opt_state, sampler_state, loss_G = self._jitted_step(
+            (params, opt_state, sampler_state, key_G, train_GxT),
+            state.step, offset, x_N, y_N)
+        losses[-1].append(loss_G)
+      groups.append((params, opt_state, sampler_state))
+    (params, opt_state, sampler_state), loss_K = _merge_groups(groups, losses)
+    return (TrainState(params, opt_state, sampler_state, state.key_K,
+                       state.step + num_steps), loss_K)
 
-    def step_group(params, opt_state, sampler_state, key_G, train_GxT, step):
-      models = (params, opt_state, sampler_state, key_G, train_GxT)
-      if group > 1:
-        return vmapped(*models, step, x_N, y_N)
-      # One model: no vmap at all (a vmapped convolution is slow on CPU).
-      one = self._one_step(*jax.tree.map(lambda v: v[0], models), step, x_N,
-                           y_N)
-      return jax.tree.map(lambda v: v[None], one)
+  @jax.jit(static_argnames=("self",))
+  def _jitted_step(self, models_G, step0, offset, x_N, y_N):
+    return self._step_group(models_G, step0 + offset, x_N, y_N)
+
+  @jax.jit(static_argnames=("self", "num_steps"))
+  def _run_compiled(self, state: TrainState, train_KxT: jax.Array,
+                    x_N: jax.Array, y_N: jax.Array, num_steps: int
+                    ) -> tuple[TrainState, jax.Array]:
+    """`run` as one program: `scan` over steps, `lax.map` over groups."""
+    num_models = train_KxT.shape[0]
+    group = self._group_size(num_models)
 
     def run_group(models):
       """`num_steps` steps of one group: leaves lead with its models."""
@@ -283,13 +315,18 @@ class Trainer:
 
       def body(carry, _):
         params, opt_state, sampler_state, step = carry
-        params, opt_state, sampler_state, loss_G = step_group(
-            params, opt_state, sampler_state, key_G, train_GxT, step)
+        params, opt_state, sampler_state, loss_G = self._step_group(
+            (params, opt_state, sampler_state, key_G, train_GxT), step, x_N,
+            y_N)
         return (params, opt_state, sampler_state, step + 1), loss_G
 
+      carry = (params, opt_state, sampler_state, state.step)
+      if num_steps == 1:
+        # No loop: XLA:CPU runs convolutions inside one ~10x slower.
+        (params, opt_state, sampler_state, _), loss_G = body(carry, None)
+        return (params, opt_state, sampler_state), loss_G
       (params, opt_state, sampler_state, _), loss_SxG = jax.lax.scan(
-          body, (params, opt_state, sampler_state, state.step),
-          length=num_steps, unroll=self.unroll)
+          body, carry, length=num_steps)
       return (params, opt_state, sampler_state), loss_SxG.mean(0)
 
     models = (state.params, state.opt_state, state.sampler_state, state.key_K,
@@ -297,16 +334,39 @@ class Trainer:
     if group == num_models:
       (params, opt_state, sampler_state), loss_K = run_group(models)
     else:
-      # Group j holds models j, j + K/G, ...: with K sharded over G devices
-      # in blocks, one model of each device.
-      split = lambda v: jnp.swapaxes(
-          v.reshape(group, num_models // group, *v.shape[1:]), 0, 1)
-      merge = lambda v: jnp.swapaxes(v, 0, 1).reshape(num_models,
-                                                      *v.shape[2:])
       (params, opt_state, sampler_state), loss_K = jax.tree.map(
-          merge, jax.lax.map(run_group, jax.tree.map(split, models)))
+          _merge_group_axis, jax.lax.map(
+              run_group, jax.tree.map(
+                  lambda v: _split_groups(v, group), models)))
     return (TrainState(params, opt_state, sampler_state, state.key_K,
                        state.step + num_steps), loss_K)
+
+
+def _split_groups(v: jax.Array, group: int) -> jax.Array:
+  """`[K, ...]` -> `[K/G, G, ...]`: group j holds models j, j + K/G, ..."""
+  return jnp.swapaxes(v.reshape(group, v.shape[0] // group, *v.shape[1:]),
+                      0, 1)
+
+
+def _merge_group_axis(v: jax.Array) -> jax.Array:
+  """`[K/G, G, ...]` -> `[K, ...]`: the inverse of `_split_groups`."""
+  return jnp.swapaxes(v, 0, 1).reshape(-1, *v.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnames=("group",))
+def _take_group(models: PyTree, j: jax.Array, group: int) -> PyTree:
+  """Group j of the K models: models j, j + K/G, ... (one of each device
+  when K is sharded over G devices in blocks)."""
+  return jax.tree.map(lambda v: _split_groups(v, group)[j], models)
+
+
+@jax.jit
+def _merge_groups(groups: list, losses: list) -> tuple[PyTree, jax.Array]:
+  """The groups' states stacked back into K models, and each model's mean
+  loss over the steps (`losses[j][s]`: group j's losses `[G]` at step s)."""
+  loss_K = _merge_group_axis(jnp.stack([jnp.stack(l).mean(0) for l in losses]))
+  return jax.tree.map(lambda *v: _merge_group_axis(jnp.stack(v)),
+                      *groups), loss_K
 
 
 def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,

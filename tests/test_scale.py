@@ -168,6 +168,7 @@ def test_attacks_rerun_on_saved_models_without_training(reference, tmp_path):
 
 
 _SHARDING_SCRIPT = textwrap.dedent("""
+    import dataclasses
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     from mico_jax import challenge, data, models, parallel, pipeline, stats
@@ -193,9 +194,19 @@ _SHARDING_SCRIPT = textwrap.dedent("""
       if leaf.ndim:
         assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}
     # Models never talk to one another: no collectives in the step.
-    hlo = train.Trainer.run.lower(trainer, state, *args, 3).compile().as_text()
+    hlo = train.Trainer._run_compiled.lower(trainer, state, *args,
+                                            3).compile().as_text()
     assert not any(op in hlo for op in ("all-gather", "all-reduce",
                                         "all-to-all", "collective-permute"))
+    # Stepped from Python (`unroll`), groups of one model per device: the
+    # same models, still sharded.
+    stepped = train.train(dataclasses.replace(trainer, unroll=True),
+                          pipeline.init_state(trainer, key_K,
+                                              jnp.asarray(x[0]), mesh),
+                          *args, epochs=1, log=None)
+    for leaf, want in zip(jax.tree.leaves(stepped), jax.tree.leaves(state)):
+      assert leaf.sharding.spec == want.sharding.spec
+      np.testing.assert_allclose(leaf, want, rtol=1e-5, atol=1e-6)
     seen = []
     def to_host(a):
       seen.append(a.sharding.spec)

@@ -54,7 +54,8 @@ def test_unrolled_training_equals_looped_training(setup):
 
 def test_model_groups_equal_all_models_vmapped_together():
   # 4 DP-SGD CNNs (the conv layers take the patches path) stepped one at a
-  # time (`lax.map`, no vmap) and all four in one vmap: the same models.
+  # time (`lax.map`, no vmap), all four in one vmap, and in groups of two
+  # stepped from Python (`unroll`): the same models.
   rng = np.random.default_rng(1)
   x_N = jnp.asarray(rng.normal(size=(40, 16, 16, 3)), jnp.float32)
   y_N = jnp.asarray(rng.integers(0, 3, 40), jnp.int32)
@@ -64,16 +65,21 @@ def test_model_groups_equal_all_models_vmapped_together():
   keys = train.model_keys(np.arange(12).reshape(4, 3))
   train_KxT = jnp.asarray(np.stack([rng.permutation(40)[:30]
                                     for _ in range(4)]), jnp.int32)
+  start = base.init(keys, x_N[0])  # the same for every grouping
   results = []
-  for group in (1, 4):
-    trainer = dataclasses.replace(base, model_group=group)
-    state = trainer.init(keys, x_N[0])
-    state, loss_K = trainer.run(state, train_KxT, x_N, y_N, 3)
+  for group, unroll in ((1, False), (4, False), (2, True)):
+    trainer = dataclasses.replace(base, model_group=group, unroll=unroll)
+    state, loss_K = trainer.run(start, train_KxT, x_N, y_N, 3)
     results.append((state.params, loss_K))
   for other in results[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                          atol=1e-6),
                  results[0], other)
+  # Stepped from Python, 3 steps as 1 + 2 are the 3 steps bit for bit.
+  first, _ = trainer.run(start, train_KxT, x_N, y_N, 1)
+  split, _ = trainer.run(first, train_KxT, x_N, y_N, 2)
+  assert int(split.step) == 3
+  jax.tree.map(np.testing.assert_array_equal, split.params, results[-1][0])
 
 
 def test_training_reduces_loss_and_resumes_mid_run(setup):
@@ -90,6 +96,10 @@ def test_training_reduces_loss_and_resumes_mid_run(setup):
   # Running 4 epochs in two pieces or in one gives the same state.
   direct, _ = trainer.run(state, *args, 4 * steps)
   jax.tree.map(np.testing.assert_array_equal, whole, direct)
+  # A 1-step run (no scan) then the rest: the same state too.
+  one, _ = trainer.run(state, *args, 1)
+  rest, _ = trainer.run(one, *args, 4 * steps - 1)
+  jax.tree.map(np.testing.assert_array_equal, rest, direct)
   assert int(whole.step) == 4 * steps
 
 
