@@ -58,8 +58,8 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
   Cached: an equal trainer is the same jit key, so waves compile once.
   `unroll`: see `train.Trainer`; it is set for models whose steps are costly
   (CNNs on CPU), whose DP-SGD rows past the head then go in chunks of
-  `UNROLLED_DP_CHUNK` rather than 64: at MICO's expected batch of 64, chunks
-  of 64 computed ~40 padded rows a step.
+  `UNROLLED_DP_CHUNK` rather than `dp.DPGradient`'s default: at MICO's
+  expected batch of 64, chunks of 64 computed ~40 padded rows a step.
   """
   if config.dp is None:
     order = train.EpochShuffle if config.shuffle else train.Sequential
@@ -71,10 +71,10 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
     sampler = dp.PoissonSampler(len_training, mechanism.sample_rate,
                                 mechanism.capacity,
                                 mechanism.steps // config.epochs)
+    chunking = {"chunk_size": UNROLLED_DP_CHUNK} if unroll else {}
     gradient_fn = dp.DPGradient(
         mechanism.clip_norm, mechanism.noise_multiplier,
-        mechanism.expected_batch_size,
-        chunk_size=UNROLLED_DP_CHUNK if unroll else dp.DPGradient.chunk_size)
+        mechanism.expected_batch_size, **chunking)
   return train.Trainer(
       model, train.make_optimizer(config, sampler.steps_per_epoch), sampler,
       gradient_fn, unroll)
