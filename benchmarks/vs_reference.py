@@ -21,7 +21,6 @@ the script runs.
 
 import argparse
 import json
-import math
 import platform
 import time
 from typing import Callable

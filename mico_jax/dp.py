@@ -801,6 +801,8 @@ class DPGradient:
     chunk_size: rows per chunk after the head (see
       `chunked_clipped_grad_sum`); small enough that the last chunk wastes
       little, large enough that each runs efficiently.
+    head_sds: the head ends this many sqrt(mean)s past the mean batch size
+      (see `head_size`).
   """
 
   clip_norm: float
@@ -808,20 +810,23 @@ class DPGradient:
   expected_batch_size: float
   method: str = "ghost"
   chunk_size: int = 32
+  head_sds: float = 1.0
 
   @property
   def head_size(self) -> int:
-    """Rows computed in one block: the batch's mean plus sqrt(mean).
+    """Rows computed in one block: the batch's mean plus `head_sds`
+    sqrt(mean).
 
     A batch size is Binomial(n, q), whose sd is below sqrt(q·n), so the
-    head holds ~84% of batches whole and the rest run a chunk or two: a
-    chunk's row costs ~1.7x a head row on CPU (smaller products, the loop).
-    Measured on the Purchase-100 MLP (benchmarks/RESULTS.md): cheaper than
-    heads at mean - 3 sd (the former choice), at the mean or mean + 2 sd,
-    and than chunks of 16 or 64.
+    default head (+1) holds ~84% of batches whole and the rest run a chunk
+    or two: a chunk's row costs ~1.7x a head row of the Purchase-100 MLP on
+    CPU (smaller products, the loop), where this beat heads at mean - 3 sd,
+    at the mean or mean + 2 sd, and chunks of 16 or 64. Where a chunk row
+    costs a head row (a CNN's rows, in chunks of 8), a head nearly every
+    batch fills (-3) computes fewer rows (benchmarks/RESULTS.md).
     """
     mean = self.expected_batch_size
-    return max(0, math.floor(mean + math.sqrt(mean)))
+    return max(0, math.floor(mean + self.head_sds * math.sqrt(mean)))
 
   def __call__(self, apply_fn: Callable, params: PyTree, x_N: jax.Array,
                y_N: jax.Array, idx_B: jax.Array, mask_B: jax.Array,

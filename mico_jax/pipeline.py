@@ -57,9 +57,10 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
 
   Cached: an equal trainer is the same jit key, so waves compile once.
   `unroll`: see `train.Trainer`; it is set for models whose steps are costly
-  (CNNs on CPU), whose DP-SGD rows past the head then go in chunks of
-  `UNROLLED_DP_CHUNK` rather than `dp.DPGradient`'s default: at MICO's
-  expected batch of 64, chunks of 64 computed ~40 padded rows a step.
+  (CNNs on CPU), whose DP-SGD rows then go in a head that nearly every
+  batch fills and chunks of `UNROLLED_DP_CHUNK`: at MICO's expected batch of
+  64, 64-72 rows a step (chunks of 64 computed ~104; a head past the mean,
+  `dp.DPGradient`'s default for cheap rows, 72 or more).
   """
   if config.dp is None:
     order = train.EpochShuffle if config.shuffle else train.Sequential
@@ -71,7 +72,8 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
     sampler = dp.PoissonSampler(len_training, mechanism.sample_rate,
                                 mechanism.capacity,
                                 mechanism.steps // config.epochs)
-    chunking = {"chunk_size": UNROLLED_DP_CHUNK} if unroll else {}
+    chunking = ({"chunk_size": UNROLLED_DP_CHUNK, "head_sds": -3} if unroll
+                else {})
     gradient_fn = dp.DPGradient(
         mechanism.clip_norm, mechanism.noise_multiplier,
         mechanism.expected_batch_size, **chunking)

@@ -8,7 +8,6 @@ each checks its `Observations` first (`check_observations`).
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mico_jax.attacks import calibrated as calibrated_lib

@@ -1,6 +1,5 @@
 """Attacks that need no shadow models."""
 
-import jax.numpy as jnp
 import jax
 
 
