@@ -56,12 +56,15 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
   """The trainer for one recipe: epochs (shuffled or in order), or DP-SGD.
 
   Cached: an equal trainer is the same jit key, so waves compile once.
-  `unroll`: see `train.Trainer`; it is set for models whose steps are costly
-  (CNNs on CPU), whose DP-SGD rows then go in a head that nearly every
+  `unroll`: see `train.Trainer`; honoured on CPU only, it is set for models
+  whose steps are costly (CNNs), whose DP-SGD rows then go in a head that nearly every
   batch fills and chunks of `UNROLLED_DP_CHUNK`: at MICO's expected batch of
   64, 64-72 rows a step (chunks of 64 computed ~104; a head past the mean,
   `dp.DPGradient`'s default for cheap rows, 72 or more).
   """
+  # Stepping from Python keeps XLA:CPU's convolutions out of loops; on
+  # accelerators one compiled loop is the fast way.
+  unroll = unroll and jax.default_backend() == "cpu"
   if config.dp is None:
     order = train.EpochShuffle if config.shuffle else train.Sequential
     sampler = order(len_training, config.batch_size)
