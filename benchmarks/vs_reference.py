@@ -128,11 +128,11 @@ class Workload:
 
   def jax_runner(self, num_models: int, steps: int) -> Callable[[], None]:
     """A compiled, warmed-up `steps`-step run of K models."""
-    # CNN trainers unrolled (each model stepped from Python, no loop in the
-    # program): XLA:CPU runs convolution gradients ~4-40x slower inside a
-    # loop, even for one model (see RESULTS.md).
-    unroll = self.name.startswith("cnn") and jax.default_backend() == "cpu"
-    trainer = pipeline.make_trainer(self.model, self.config, self.n, unroll)
+    # CNN trainers unrolled, as the CNN tasks are (on CPU each model stepped
+    # from Python, no loop in the program): XLA:CPU runs convolution
+    # gradients ~4-40x slower inside a loop (see RESULTS.md).
+    trainer = pipeline.make_trainer(self.model, self.config, self.n,
+                                    unroll=self.name.startswith("cnn"))
     train_KxT = jnp.tile(jnp.arange(self.n, dtype=jnp.int32), (num_models, 1))
     x_N, y_N = jnp.asarray(self.x_N), jnp.asarray(self.y_N)
     keys = train.model_keys(np.arange(num_models * 3).reshape(-1, 3))

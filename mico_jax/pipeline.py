@@ -57,10 +57,10 @@ def make_trainer(model, config: train.TrainConfig, len_training: int,
 
   Cached: an equal trainer is the same jit key, so waves compile once.
   `unroll`: see `train.Trainer`; honoured on CPU only, it is set for models
-  whose steps are costly (CNNs), whose DP-SGD rows then go in a head that nearly every
-  batch fills and chunks of `UNROLLED_DP_CHUNK`: at MICO's expected batch of
-  64, 64-72 rows a step (chunks of 64 computed ~104; a head past the mean,
-  `dp.DPGradient`'s default for cheap rows, 72 or more).
+  whose steps are costly (CNNs), whose DP-SGD rows then go in a head that
+  nearly every batch fills and chunks of `UNROLLED_DP_CHUNK`: at MICO's
+  expected batch of 64, 64-72 rows a step (chunks of 64 computed ~104; a
+  head past the mean, `dp.DPGradient`'s default for cheap rows, 72 or more).
   """
   # Stepping from Python keeps XLA:CPU's convolutions out of loops; on
   # accelerators one compiled loop is the fast way.

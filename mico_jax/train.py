@@ -282,24 +282,28 @@ class Trainer:
     group = self._group_size(num_models)
     models = (state.params, state.opt_state, state.sampler_state, state.key_K,
               train_KxT)
-    groups, losses = [], []
+    groups, loss_sums = [], []
     for j in range(num_models // group):
       params, opt_state, sampler_state, key_G, train_GxT = _take_group(
           models, j, group)
-      losses.append([])
+      loss_sum_G = jnp.zeros(group, jnp.float32)
       for offset in range(num_steps):
-        params, opt_state, sampler_state, loss_G = self._jitted_step(
-            (params, opt_state, sampler_state, key_G, train_GxT),
+        params, opt_state, sampler_state, loss_sum_G = self._jitted_step(
+            (params, opt_state, sampler_state, key_G, train_GxT), loss_sum_G,
             state.step, offset, x_N, y_N)
-        losses[-1].append(loss_G)
       groups.append((params, opt_state, sampler_state))
-    (params, opt_state, sampler_state), loss_K = _merge_groups(groups, losses)
+      loss_sums.append(loss_sum_G)
+    (params, opt_state, sampler_state), loss_K = _merge_groups(groups,
+                                                               loss_sums)
     return (TrainState(params, opt_state, sampler_state, state.key_K,
-                       state.step + num_steps), loss_K)
+                       state.step + num_steps), loss_K / num_steps)
 
   @jax.jit(static_argnames=("self",))
-  def _jitted_step(self, models_G, step0, offset, x_N, y_N):
-    return self._step_group(models_G, step0 + offset, x_N, y_N)
+  def _jitted_step(self, models_G, loss_sum_G, step0, offset, x_N, y_N):
+    """One step of a group; the group's losses added to `loss_sum_G` (so
+    a run holds one running sum, not every step's losses)."""
+    *state_G, loss_G = self._step_group(models_G, step0 + offset, x_N, y_N)
+    return (*state_G, loss_sum_G + loss_G)
 
   @jax.jit(static_argnames=("self", "num_steps"))
   def _run_compiled(self, state: TrainState, train_KxT: jax.Array,
@@ -361,12 +365,11 @@ def _take_group(models: PyTree, j: jax.Array, group: int) -> PyTree:
 
 
 @jax.jit
-def _merge_groups(groups: list, losses: list) -> tuple[PyTree, jax.Array]:
-  """The groups' states stacked back into K models, and each model's mean
-  loss over the steps (`losses[j][s]`: group j's losses `[G]` at step s)."""
-  loss_K = _merge_group_axis(jnp.stack([jnp.stack(l).mean(0) for l in losses]))
+def _merge_groups(groups: list, values: list) -> tuple[PyTree, jax.Array]:
+  """The groups' states, and their per-model `values` (`[G]` each), stacked
+  back into K models."""
   return jax.tree.map(lambda *v: _merge_group_axis(jnp.stack(v)),
-                      *groups), loss_K
+                      *groups), _merge_group_axis(jnp.stack(values))
 
 
 def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,
