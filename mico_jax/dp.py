@@ -52,7 +52,6 @@ truncation, which the sampler below does not do.)
 
 import dataclasses
 import functools
-import itertools
 import math
 import numbers
 from typing import Any, Callable, NamedTuple
@@ -65,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mico_jax import accounting
+from mico_jax import conv
 from mico_jax.models import cross_entropy
 
 PyTree = Any
@@ -407,26 +407,13 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
 
 
 def _unfold(module: nn.Conv, inputs: jax.Array) -> jax.Array:
-  """A convolution's input patches `[B, *out_spatial, D]`.
-
-  Features in the kernel's order (offsets, then channels), so the
-  convolution is these patches times the kernel reshaped to `[D, O]`. Built
-  from strided slices: their gradient is padding and adding, fast anywhere,
-  where `lax.conv_general_dilated_patches` is a grouped convolution.
-  """
+  """A convolution's input patches `[B, *out_spatial, D]` (`conv.unfold`),
+  features in the kernel's order: the convolution is these patches times
+  the kernel reshaped to `[D, O]`."""
   kernel = _as_tuple(module.kernel_size, 1)
   rank = len(kernel)
-  strides = _as_tuple(module.strides, rank)
-  padding = _conv_padding(module, rank)
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(inputs.shape[1:-1], kernel, strides,
-                                      padding)
-  x = jnp.pad(inputs, ((0, 0), *padding, (0, 0)))
-  out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], kernel, strides)]
-  return jnp.concatenate([
-      x[(slice(None),) + tuple(slice(o, o + s * (n - 1) + 1, s)
-                               for o, s, n in zip(offsets, strides, out))]
-      for offsets in itertools.product(*map(range, kernel))], -1)
+  return conv.unfold(inputs, kernel, _as_tuple(module.strides, rank),
+                     _conv_padding(module, rank))
 
 
 # Largest per-example kernel gradients `[B, D, O]` instantiated at once.

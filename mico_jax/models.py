@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mico_jax import conv
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example loss of a classifier: `-log softmax(logits)[label]`."""
@@ -35,9 +37,10 @@ def _dense(features: int, fan_in: int) -> nn.Dense:
 
 
 def _conv(features: int, kernel: int, in_channels: int, **kwargs) -> nn.Conv:
+  # On CPU as patches x kernel (`conv.conv_general_dilated`): same numbers.
   return nn.Conv(features, (kernel, kernel), kernel_init=_torch_kernel_init,
                  bias_init=_torch_bias_init(in_channels * kernel * kernel),
-                 **kwargs)
+                 conv_general_dilated=conv.conv_general_dilated, **kwargs)
 
 
 class MLP(nn.Module):
@@ -72,7 +75,7 @@ class CNN(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c1, c2, c3 = self.channels
     x = jnp.tanh(_conv(c1, 8, x.shape[-1], strides=2, padding=3)(x))
-    x = nn.max_pool(x, (3, 3), strides=(1, 1))
+    x = conv.max_pool(x, (3, 3))  # stride 1
     x = jnp.tanh(_conv(c2, 3, c1, padding="VALID")(x))
     x = jnp.tanh(_conv(c3, 3, c2, padding="VALID")(x))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))

@@ -1,0 +1,51 @@
+"""`mico_jax.conv`: convolution and max pooling give lax's numbers, values and
+gradients (on CPU they are computed another way)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mico_jax import conv
+
+
+def _value_and_grads(f, *args):
+  """f's value and its gradients for a random cotangent, jitted."""
+  out = jax.eval_shape(f, *args)
+  cotangent = jax.random.normal(jax.random.PRNGKey(9), out.shape)
+  def run(*args):
+    value, vjp = jax.vjp(f, *args)
+    return value, vjp(cotangent)
+  return jax.jit(run)(*args)
+
+
+@pytest.mark.parametrize("shape,kernel,kwargs", [
+    ((2, 12, 12, 3), (4, 4), dict(strides=2, padding=3)),  # MICO's conv1
+    ((2, 7, 6, 5), (3, 3), dict(padding="VALID")),
+    ((3, 9, 4), (3,), dict(strides=2, padding="SAME")),
+], ids=["strided", "valid", "1d-same"])
+def test_convolution_equals_lax(shape, kernel, kwargs):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  native = nn.Conv(6, kernel, **kwargs)
+  ours = nn.Conv(6, kernel, conv_general_dilated=conv.conv_general_dilated,
+                 **kwargs)
+  params = native.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == (
+      jax.tree.map(jnp.shape, params))
+  expected = _value_and_grads(native.apply, params, x)
+  got = _value_and_grads(ours.apply, params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), got, expected)
+
+
+def test_max_pool_equals_flax_with_ties():
+  # Few distinct values: most windows hold their maximum more than once,
+  # and all of the gradient must go where select_and_scatter puts it.
+  x = jax.random.randint(jax.random.PRNGKey(0), (2, 8, 7, 3), 0, 3).astype(
+      jnp.float32)
+  expected = _value_and_grads(
+      lambda x: nn.max_pool(x, (3, 3), strides=(1, 1)), x)
+  got = _value_and_grads(lambda x: conv.max_pool(x, (3, 3)), x)
+  np.testing.assert_array_equal(got[0], expected[0])
+  np.testing.assert_allclose(got[1][0], expected[1][0], atol=1e-6)
