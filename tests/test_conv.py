@@ -3,6 +3,7 @@ gradients (on CPU they are computed another way)."""
 
 import flax.linen as nn
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,9 +31,9 @@ def test_convolution_equals_lax(shape, kernel, kwargs):
   native = nn.Conv(6, kernel, **kwargs)
   ours = nn.Conv(6, kernel, conv_general_dilated=conv.conv_general_dilated,
                  **kwargs)
-  params = native.init(jax.random.PRNGKey(1), x)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == (
-      jax.tree.map(jnp.shape, params))
+  params = jax.jit(native.init)(jax.random.PRNGKey(1), x)
+  assert jax.eval_shape(ours.init, jax.random.PRNGKey(1), x) == (
+      jax.eval_shape(native.init, jax.random.PRNGKey(1), x))
   expected = _value_and_grads(native.apply, params, x)
   got = _value_and_grads(ours.apply, params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
@@ -49,3 +50,17 @@ def test_max_pool_equals_flax_with_ties():
   got = _value_and_grads(lambda x: conv.max_pool(x, (3, 3)), x)
   np.testing.assert_array_equal(got[0], expected[0])
   np.testing.assert_allclose(got[1][0], expected[1][0], atol=1e-6)
+
+
+def test_off_cpu_lax_convolution_and_max_pool_run():
+  # Lowered for a GPU (none needed): the native ops, as before; for the
+  # CPU: neither (patches, separable maxima).
+  layer = nn.Conv(3, (3, 3), conv_general_dilated=conv.conv_general_dilated)
+  x = jnp.ones((1, 6, 6, 2))
+  params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
+  grad = jax.jit(jax.grad(
+      lambda p: conv.max_pool(layer.apply(p, x), (3, 3)).sum()))
+  for platform, native in (("cuda", True), ("cpu", False)):
+    text = export.export(grad, platforms=[platform])(params).mlir_module()
+    assert ("stablehlo.convolution" in text) == native
+    assert ("select_and_scatter" in text) == native
