@@ -6,7 +6,8 @@ kernel well below its matrix-product speed, and a max pool's gradient
 its one 3x3 max pool's backward pass (benchmarks/RESULTS.md). On CPU:
   - `conv_general_dilated` computes a convolution as its input patches
     (`unfold`: strided slices, whose gradient is pads and adds) times the
-    kernel reshaped to a matrix, i.e. matrix products;
+    kernel reshaped to a matrix, i.e. matrix products (the backward pass
+    written out, so that XLA:CPU lays the kernel gradient out well);
   - `max_pool` takes the window maximum one axis at a time, each with the
     gradient `select_and_scatter` gives (all of it to the first maximum of
     the window, in row-major order), as elementwise passes.
@@ -85,12 +86,52 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
       or kwargs.get("batch_group_count", 1) != 1):
     return native(lhs, rhs)
 
-  def patches(lhs, rhs):
-    x = unfold(lhs, rhs.shape[:rank], tuple(window_strides), padding)
-    return jnp.einsum("b...d,do->b...o", x, rhs.reshape(-1, rhs.shape[-1]),
-                      precision=precision)
-
+  if not isinstance(padding, str):
+    padding = tuple(map(tuple, padding))
+  patches = functools.partial(_patches_times_kernel,
+                              geometry=(tuple(window_strides), padding),
+                              precision=precision)
   return lax.platform_dependent(lhs, rhs, cpu=patches, default=native)
+
+
+def _unfold_times_kernel(lhs, rhs, geometry, precision):
+  """`unfold(lhs)` times `rhs` reshaped to `[D, O]`, and the patches."""
+  strides, padding = geometry
+  x = unfold(lhs, rhs.shape[:-2], strides, padding)
+  return jnp.einsum("b...d,do->b...o", x, rhs.reshape(-1, rhs.shape[-1]),
+                    precision=precision), x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patches_times_kernel(lhs, rhs, geometry, precision):
+  """The convolution as its input patches times the kernel."""
+  return _unfold_times_kernel(lhs, rhs, geometry, precision)[0]
+
+
+def _patches_fwd(lhs, rhs, geometry, precision):
+  out, x = _unfold_times_kernel(lhs, rhs, geometry, precision)
+  return out, (lhs, rhs, x)
+
+
+def _patches_bwd(geometry, precision, residuals, g):
+  strides, padding = geometry
+  lhs, rhs, x = residuals
+  kernel_DxO = rhs.reshape(-1, rhs.shape[-1])
+  # The kernel gradient transposed, gᵀ·patches, contracting the rows of
+  # both in place; the barrier keeps XLA:CPU from turning it into
+  # patchesᵀ·gᵀ with a transposed copy of g, ~8% slower a CNN step.
+  grad_OxD = lax.optimization_barrier(lax.dot_general(
+      g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]),
+      (((0,), (0,)), ((), ())), precision=precision))
+  # The input gradient: the patches' gradient folded back (pads and adds).
+  _, fold = jax.vjp(lambda v: unfold(v, rhs.shape[:-2], strides, padding),
+                    lhs)
+  (grad_lhs,) = fold(jnp.einsum("b...o,do->b...d", g, kernel_DxO,
+                                precision=precision))
+  return grad_lhs, grad_OxD.T.reshape(rhs.shape)
+
+
+_patches_times_kernel.defvjp(_patches_fwd, _patches_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
