@@ -2,7 +2,7 @@
 
 XLA:CPU runs `lax.conv_general_dilated` and its gradients on a generic
 kernel well below its matrix-product speed, and a max pool's gradient
-(`select_and_scatter`) slowly: MICO's CNN spent a quarter of its CPU step in
+(`select_and_scatter`) slowly: MICO's CNN spent ~15-20% of its CPU step in
 its one 3x3 max pool's backward pass (benchmarks/RESULTS.md). On CPU:
   - `conv_general_dilated` computes a convolution as its input patches
     (`unfold`: strided slices, whose gradient is pads and adds) times the
