@@ -84,12 +84,9 @@ def pack(x: np.ndarray) -> "BinaryRows | np.ndarray":
   x = np.asarray(x)
   if x.ndim < 2 or x.size == 0 or not is_binary(x):
     return x
-  flat = x.reshape(len(x), -1).astype(bool)
-  words = -(-flat.shape[1] // _BITS)
-  padded = np.zeros((len(x), words * _BITS), bool)
-  padded[:, :flat.shape[1]] = flat
   # Little bit order within bytes, little-endian bytes within words: bit j of
   # word w is feature 32 w + j on any host.
-  words_NxW = np.packbits(padded, axis=1, bitorder="little").view(
-      "<u4").astype(np.uint32)
+  bytes_ = np.packbits(x.reshape(len(x), -1) != 0, axis=1, bitorder="little")
+  bytes_ = np.pad(bytes_, ((0, 0), (0, -bytes_.shape[1] % (_BITS // 8))))
+  words_NxW = bytes_.view("<u4").astype(np.uint32)
   return BinaryRows(words_NxW, x.shape[1:], x.dtype)
