@@ -72,15 +72,16 @@ class BinaryRows:
 
 
 def is_binary(x: np.ndarray) -> bool:
-  """Whether every value of a numeric array is 0 or 1 (not -0.0, not NaN)."""
-  if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+  """Whether every value of a real array is 0 or 1 (not -0.0, not NaN)."""
+  if not (np.issubdtype(x.dtype, np.integer) or
+          np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
     return False
   return bool(np.all((x == 0) | (x == 1)) and not np.any(np.signbit(x)))
 
 
 def pack(x: np.ndarray) -> "BinaryRows | np.ndarray":
   """`x` `[N, ...]` bit-packed as `BinaryRows` if all its values are 0 or 1
-  (and it has features), else `x` itself."""
+  (and it has features), else `x` itself (as a numpy array)."""
   x = np.asarray(x)
   if x.ndim < 2 or x.size == 0 or not is_binary(x):
     return x

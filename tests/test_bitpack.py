@@ -35,6 +35,7 @@ def test_packed_rows_are_the_rows_bit_for_bit(shape, dtype):
     np.array([[0, 1], [-0.0, 1]], np.float32),  # -0.0 would come back +0.0
     np.array([[0, 1], [np.nan, 1]], np.float32),
     np.array([[0, 2], [3, 1]], np.int32),  # token ids
+    np.array([[1, 0], [0, 1]], np.complex64),
     np.array([0, 1, 1], np.float32),  # no feature axis
     np.zeros((0, 4), np.float32)])
 def test_other_pools_stay_as_they_are(x):
