@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from mico_jax import dp, models, pipeline, train
+from mico_jax import bitpack, dp, models, pipeline, train
 from benchmarks.vs_reference import matmul_peak
 
 
@@ -100,7 +100,9 @@ def main():
   args = _parse()
   n, d, c, h = args.len_training, args.features, args.classes, args.hidden
   rng = np.random.default_rng(0)
-  x_N = jnp.asarray(rng.random((n, d)) < 0.1, jnp.float32)  # sparse binary
+  # Sparse binary features, held as `pipeline.train_models` holds them: bits.
+  x_N = jax.tree.map(jnp.asarray, bitpack.pack(
+      (rng.random((n, d)) < 0.1).astype(np.float32)))
   y_N = jnp.asarray(rng.integers(0, c, n), jnp.int32)
   model = models.MLP(c, (h,))
   config = train.TrainConfig("adam", 1e-3, batch_size=args.batch_size,

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mico_jax import dp, models, pipeline, train
+from mico_jax import bitpack, dp, models, pipeline, train
 
 # MICO's recipes. MLP: Purchase-100, n = 150,000, Adam 1e-3, batch 512, C = 2.6.
 # CNN: CIFAR-10, n = 50,000, SGD; batch 32 (lr 0.005) without DP, 512 (lr 0.5)
@@ -134,7 +134,9 @@ class Workload:
     trainer = pipeline.make_trainer(self.model, self.config, self.n,
                                     unroll=self.name.startswith("cnn"))
     train_KxT = jnp.tile(jnp.arange(self.n, dtype=jnp.int32), (num_models, 1))
-    x_N, y_N = jnp.asarray(self.x_N), jnp.asarray(self.y_N)
+    # As `pipeline.train_models` holds the pool: binary features as bits.
+    x_N = jax.tree.map(jnp.asarray, bitpack.pack(self.x_N))
+    y_N = jnp.asarray(self.y_N)
     keys = train.model_keys(np.arange(num_models * 3).reshape(-1, 3))
     state = trainer.init(keys, x_N[0])
     # Timed from after the warm-up: not at step 0, where a shuffled epoch

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from mico_jax import attacks as attacks_lib
 from mico_jax import challenge as challenge_lib
-from mico_jax import checkpoint, dp, parallel, scoring, stats, train
+from mico_jax import bitpack, checkpoint, dp, parallel, scoring, stats, train
 from mico_jax.data import Dataset
 from mico_jax.tasks import Task
 
@@ -174,7 +174,9 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
   if state is None:
     state = init_state(trainer, key_K, example_x, mesh)
   train_KxT = parallel.put_models(padded.train_KxT, mesh)
-  x_N, y_N = parallel.put_replicated((dataset.x, dataset.y), mesh)
+  # Binary features travel and are gathered as bits (see `bitpack`).
+  x_N, y_N = parallel.put_replicated((bitpack.pack(dataset.x), dataset.y),
+                                     mesh)
   try:
     state = train.train(trainer, state, train_KxT, x_N, y_N, config.epochs,
                         log=log, save=save, save_every=save_every,

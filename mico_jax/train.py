@@ -210,8 +210,8 @@ class Trainer:
     sampler: batch sampler over each model's training list.
     gradient_fn: `(apply, params, x_N, y_N, idx_B, mask_B, key) -> (loss,
       grads)` for the batch `x_N[idx_B]` (it gathers the rows itself, so it
-      can skip masked ones); plain mean gradient by default, DP-SGD's clipped
-      noisy sum otherwise.
+      can skip masked ones; `x_N` may be `bitpack.BinaryRows`); plain mean
+      gradient by default, DP-SGD's clipped noisy sum otherwise.
     unroll: no loop in the compiled program: `run` steps each group of
       models from Python, one jitted step at a time (one compilation), where
       otherwise it is one program that loops over steps (`scan`) and groups
@@ -390,7 +390,7 @@ def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,
     trainer: the trainer.
     state: where to start; `state.step` may be anywhere (a resumed run).
     train_KxT: each model's training list (host or already placed on devices).
-    x_N: the pool's inputs.
+    x_N: the pool's inputs: an array or `bitpack.BinaryRows`.
     y_N: the pool's labels.
     epochs: total epochs, counting those already done.
     log: progress messages, or None.
@@ -400,7 +400,7 @@ def train(trainer: Trainer, state: TrainState, train_KxT: np.ndarray,
     save_every: steps between saves; 0: none by steps.
     save_seconds: wall-clock seconds between saves; 0: none by time.
   """
-  train_KxT, x_N, y_N = map(jnp.asarray, (train_KxT, x_N, y_N))
+  train_KxT, x_N, y_N = jax.tree.map(jnp.asarray, (train_KxT, x_N, y_N))
   per_epoch = trainer.sampler.steps_per_epoch
   total = epochs * per_epoch
   step = int(state.step)
