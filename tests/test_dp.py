@@ -52,7 +52,7 @@ def test_ghost_clipping_equals_naive_per_example_gradients(model, shape,
   def loss_one(p, x1, y1):
     logits = model.apply(p, x1[None])
     return models.cross_entropy(logits, y1[None])[0]
-  grads_B = jax.vmap(jax.grad(loss_one), (None, 0, 0))(params, x, y)
+  grads_B = jax.jit(jax.vmap(jax.grad(loss_one), (None, 0, 0)))(params, x, y)
   norms_B = np.sqrt(sum(np.sum(np.asarray(g).reshape(shape[0], -1) ** 2, 1)
                         for g in jax.tree.leaves(grads_B)))
   # Clip about half of them.
