@@ -324,13 +324,9 @@ class Trainer:
             y_N)
         return (params, opt_state, sampler_state, step + 1), loss_G
 
-      carry = (params, opt_state, sampler_state, state.step)
-      if num_steps == 1:
-        # No loop: XLA:CPU runs convolutions inside one ~10x slower.
-        (params, opt_state, sampler_state, _), loss_G = body(carry, None)
-        return (params, opt_state, sampler_state), loss_G
       (params, opt_state, sampler_state, _), loss_SxG = jax.lax.scan(
-          body, carry, length=num_steps)
+          body, (params, opt_state, sampler_state, state.step),
+          length=num_steps)
       return (params, opt_state, sampler_state), loss_SxG.mean(0)
 
     models = (state.params, state.opt_state, state.sampler_state, state.key_K,

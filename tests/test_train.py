@@ -96,7 +96,7 @@ def test_training_reduces_loss_and_resumes_mid_run(setup):
   # Running 4 epochs in two pieces or in one gives the same state.
   direct, _ = trainer.run(state, *args, 4 * steps)
   jax.tree.map(np.testing.assert_array_equal, whole, direct)
-  # A 1-step run (no scan) then the rest: the same state too.
+  # A 1-step run then the rest: the same state too.
   one, _ = trainer.run(state, *args, 1)
   rest, _ = trainer.run(one, *args, 4 * steps - 1)
   jax.tree.map(np.testing.assert_array_equal, rest, direct)
