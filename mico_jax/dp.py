@@ -65,7 +65,7 @@ import numpy as np
 
 from mico_jax import accounting
 from mico_jax import conv
-from mico_jax.models import cross_entropy
+from mico_jax.models import cross_entropy, weight_gradient
 
 PyTree = Any
 
@@ -610,11 +610,10 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
     if path in kernels_B:
       kernel = jnp.tensordot(weight_B, kernels_B[path], 1, precision=_FULL)
     else:
-      # As one 2-D product contracting the rows (b, p) in place: an einsum
-      # over both axes makes XLA:CPU copy a transposed `a` first.
-      kernel = jax.lax.dot_general(
-          a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1]),
-          (((0,), (0,)), ((), ())), precision=_FULL)
+      # As one 2-D product over the rows (b, p), laid out as XLA:CPU runs
+      # it fastest: an einsum over both axes makes it copy a transposed `a`.
+      kernel = weight_gradient(a.reshape(-1, a.shape[-1]),
+                               g.reshape(-1, g.shape[-1]), _FULL)
     grads[name + ("kernel",)] = kernel.reshape(flat[name + ("kernel",)].shape)
     if calls[by_path[path][0]].module.use_bias:
       grads[name + ("bias",)] = g.sum((0, 1))
