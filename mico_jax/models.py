@@ -4,12 +4,10 @@ Each module maps a batch `[B, ...]` to logits `[B, C]`; a stack of K models is
 `jax.vmap(model.apply)` over parameters with a leading models axis.
 """
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
-from jax import lax
 import jax.numpy as jnp
 import optax
 
@@ -33,76 +31,9 @@ def _torch_bias_init(fan_in: int):
       key, shape, dtype, -bound, bound)
 
 
-def weight_gradient(a_RxD: jax.Array, g_RxO: jax.Array,
-                    precision=None) -> jax.Array:
-  """`a_RxDᵀ g_RxO` `[D, O]`, a dense layer's kernel gradient over R rows.
-
-  On CPU as `(g_RxOᵀ a_RxD)ᵀ` with `g_RxOᵀ` materialised: XLA:CPU sends a
-  product to its fast kernel library (YNNPACK) only when the left operand
-  contracts its last axis, so the rows must be the last axis of one
-  operand, and `g` is the smaller one to transpose. The barriers keep
-  XLA from folding the transposes back into a product that contracts the
-  rows of both operands in place, which it runs on a generic kernel at
-  ~half the speed (the Purchase-100 MLP's step: ~15% faster). Same
-  numbers to float rounding (the sum over rows runs in another order).
-  """
-  def rows_last(a, g):
-    g_OxR = lax.optimization_barrier(g.T)
-    return lax.optimization_barrier(
-        jnp.matmul(g_OxR, a, precision=precision)).T
-
-  def in_place(a, g):
-    return lax.dot_general(a, g, (((0,), (0,)), ((), ())),
-                           precision=precision)
-
-  return lax.platform_dependent(a_RxD, g_RxO, cpu=rows_last,
-                                default=in_place)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_product(x: jax.Array, kernel_DxO: jax.Array, precision):
-  """`x @ kernel_DxO` over the last axis of `x`."""
-  return lax.dot_general(x, kernel_DxO, (((x.ndim - 1,), (0,)), ((), ())),
-                         precision=precision)
-
-
-def _dense_product_fwd(x, kernel_DxO, precision):
-  return _dense_product(x, kernel_DxO, precision), (x, kernel_DxO)
-
-
-def _dense_product_bwd(precision, residuals, g):
-  x, kernel_DxO = residuals
-  grad_x = lax.dot_general(g, kernel_DxO, (((g.ndim - 1,), (1,)), ((), ())),
-                           precision=precision)
-  return grad_x, weight_gradient(x.reshape(-1, x.shape[-1]),
-                                 g.reshape(-1, g.shape[-1]), precision)
-
-
-_dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
-
-
-def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers,
-                      precision=None, preferred_element_type=None
-                      ) -> jax.Array:
-  """`lax.dot_general` for `nn.Dense(..., dot_general=dense_dot_general)`:
-  the same product, its kernel gradient by `weight_gradient`.
-
-  Only a dense layer's product (the last axis of `lhs` times a matrix)
-  takes that path; any other call is `lax.dot_general`'s. Reverse mode only
-  (a custom VJP), as for `conv.conv_general_dilated`.
-  """
-  (lhs_contract, rhs_contract), batch_dims = dimension_numbers
-  if (rhs.ndim != 2 or preferred_element_type is not None or
-      tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,)
-      or any(batch_dims)):
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type)
-  return _dense_product(lhs, rhs, precision)
-
-
-def _dense(features: int, fan_in: int, **kwargs) -> nn.Dense:
+def _dense(features: int, fan_in: int) -> nn.Dense:
   return nn.Dense(features, kernel_init=_torch_kernel_init,
-                  bias_init=_torch_bias_init(fan_in), **kwargs)
+                  bias_init=_torch_bias_init(fan_in))
 
 
 def _conv(features: int, kernel: int, in_channels: int, **kwargs) -> nn.Conv:
@@ -115,8 +46,7 @@ def _conv(features: int, kernel: int, in_channels: int, **kwargs) -> nn.Conv:
 class MLP(nn.Module):
   """Fully connected tanh network; MICO's Purchase-100 model is `(128,)`.
 
-  Inputs of any shape `[B, ...]` are flattened. Kernel gradients by
-  `weight_gradient` (`dense_dot_general`).
+  Inputs of any shape `[B, ...]` are flattened.
   """
 
   num_classes: int
@@ -126,10 +56,8 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = jnp.tanh(_dense(width, x.shape[-1],
-                          dot_general=dense_dot_general)(x))
-    return _dense(self.num_classes, x.shape[-1],
-                  dot_general=dense_dot_general)(x)
+      x = jnp.tanh(_dense(width, x.shape[-1])(x))
+    return _dense(self.num_classes, x.shape[-1])(x)
 
 
 class CNN(nn.Module):
