@@ -457,7 +457,7 @@ def _kernel_gradient(a_RxD: jax.Array, g_RxO: jax.Array) -> jax.Array:
   runs on a generic kernel. `g` is the smaller operand to transpose, and
   the barriers keep XLA from folding the transposes back into the product.
   The same sum, its rows added in another order (benchmarks/RESULTS.md:
-  the DP step 2-6% faster; the plain step's gradient is left as JAX
+  the DP step up to 6% faster; the plain step's gradient is left as JAX
   computes it, where this was slower at K = 64).
   """
   def rows_last(a, g):
