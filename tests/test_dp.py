@@ -162,6 +162,16 @@ def test_noise_and_sampler_words_are_jax_randoms_bit_for_bit(size):
   np.testing.assert_array_equal(got_normal, want_normal)
 
 
+def test_kernel_gradient_is_the_product_over_rows():
+  # The clipped sum's kernel product, however laid out, is a_RxDᵀ g_RxO.
+  rng = np.random.default_rng(0)
+  for rows, d, o in ((37, 9, 4), (5, 3, 12)):
+    a, g = rng.normal(size=(rows, d)), rng.normal(size=(rows, o))
+    got = jax.jit(dp._kernel_gradient)(a.astype(np.float32),
+                                       g.astype(np.float32))
+    np.testing.assert_allclose(got, a.T @ g, rtol=1e-5, atol=1e-5)
+
+
 def test_poisson_sampler_realises_rate_q_for_every_point():
   n, q, steps = 1000, 0.05, 2000
   capacity = accounting.batch_capacity(n, q, steps, 1e-9)
