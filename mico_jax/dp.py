@@ -385,10 +385,10 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
     layer_input = args[0] if args else kwargs["inputs"]
     supported = _supported(module, layer_input, x.shape[0], kwargs)
     if supported and type(module) is nn.Conv:  # pylint: disable=unidiomatic-typecheck
-      layer_input = _unfold(module, layer_input)
       kernel = module.get_variable("params", "kernel")
-      out = jnp.einsum("b...d,do->b...o", layer_input,
-                       kernel.reshape(-1, kernel.shape[-1]))
+      patches = _unfold(module, layer_input)
+      out = _conv_output(module, layer_input, patches, kernel)
+      layer_input = patches
       if module.use_bias:
         bias = module.get_variable("params", "bias")
         out = out + bias.reshape((1,) * (out.ndim - 1) + bias.shape)
@@ -414,6 +414,28 @@ def _unfold(module: nn.Conv, inputs: jax.Array) -> jax.Array:
   rank = len(kernel)
   return conv.unfold(inputs, kernel, _as_tuple(module.strides, rank),
                      _conv_padding(module, rank))
+
+
+def _conv_output(module: nn.Conv, inputs: jax.Array, patches: jax.Array,
+                 kernel: jax.Array) -> jax.Array:
+  """A supported convolution's output: its patches times the kernel, or on
+  CPU Winograd's (`conv.winograd`) where it applies, whose input gradient
+  takes fewer products (the patches are then only recorded)."""
+  def by_patches(inputs, patches, kernel):
+    del inputs
+    return jnp.einsum("b...d,do->b...o", patches,
+                      kernel.reshape(-1, kernel.shape[-1]))
+
+  rank = kernel.ndim - 2
+  padding = _conv_padding(module, rank)
+  tile = conv.winograd_tile(inputs.shape[1:-1], kernel.shape[:-2],
+                            _as_tuple(module.strides, rank), padding)
+  if tile is None:
+    return by_patches(inputs, patches, kernel)
+  return jax.lax.platform_dependent(
+      inputs, patches, kernel, default=by_patches,
+      cpu=lambda inputs, _, kernel: conv.winograd(inputs, kernel, padding,
+                                                  tile))
 
 
 # Largest per-example kernel gradients `[B, D, O]` instantiated at once.
