@@ -4,10 +4,22 @@ XLA:CPU runs `lax.conv_general_dilated` and its gradients on a generic
 kernel well below its matrix-product speed, and a max pool's gradient
 (`select_and_scatter`) slowly: MICO's CNN spent ~15-20% of its CPU step in
 its one 3x3 max pool's backward pass (benchmarks/RESULTS.md). On CPU:
-  - `conv_general_dilated` computes a convolution as its input patches
-    (`unfold`: strided slices, whose gradient is pads and adds) times the
-    kernel reshaped to a matrix, i.e. matrix products (the backward pass
-    written out, so that XLA:CPU lays the kernel gradient out well);
+  - `conv_general_dilated` computes a 2D 3x3 stride-1 convolution by
+    Winograd's minimal filtering F(m x m, 3 x 3) (`winograd`): each m x m
+    output tile from an (m + 2)² input tile with (m + 2)² products, i.e.
+    (m + 2)² batched matrix products `[B·tiles, C] x [C, O]` between
+    transforms that are sums of strided slices; the backward pass is the
+    same products transposed in the transform domain, with the transforms'
+    transposes around them (written out). m = 4 (2.25 products an output,
+    not 9) where the output is whole 4 x 4 tiles, else m = 2 (4 an output;
+    m = 4 on a padded output measured slower: `winograd_tile`). F(4 x 4)'s
+    transforms hold 1/24 and 8: on MICO's layers it errs ~1e-5 of the
+    largest value, F(2 x 2) and patches ~1e-6 (benchmarks/conv_layers.py);
+  - any other channels-last, undilated, ungrouped convolution is its input
+    patches (`unfold`: strided slices, whose gradient is pads and adds)
+    times the kernel reshaped to a matrix, i.e. matrix products (the
+    backward pass written out, so that XLA:CPU lays the kernel gradient out
+    well);
   - `max_pool` takes the window maximum one axis at a time, each with the
     gradient `select_and_scatter` gives (all of it to the first maximum of
     the window, in row-major order), as elementwise passes.
@@ -67,12 +79,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
                          lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1,
                          precision=None, **kwargs) -> jax.Array:
-  """`lax.conv_general_dilated`, as patches times kernel on CPU.
+  """`lax.conv_general_dilated`, as Winograd or patches times kernel on CPU.
 
   For `nn.Conv(..., conv_general_dilated=conv_general_dilated)`: parameters
   and results are those of `lax.conv_general_dilated` (to float rounding).
-  Only channels-last, undilated, ungrouped convolutions (flax's) take the
-  patches path, and only on CPU; anything else is `lax`'s.
+  Only channels-last, undilated, ungrouped convolutions (flax's) take
+  another path (`winograd` where `winograd_tile` says, else patches), and
+  only on CPU; anything else is `lax`'s.
   """
   rank = rhs.ndim - 2
   native = functools.partial(
@@ -147,7 +160,7 @@ _patches_times_kernel.defvjp(_patches_fwd, _patches_bwd)
 # outputs instead of 9 m². Matrices (Bᵀ, G, Aᵀ) for the points 0, ±1 (m = 2)
 # and 0, ±1, ±2 (m = 4), each with the point at infinity.
 _WINOGRAD = {
-    2: ((( 1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
         ((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)),
         ((1, 1, 1, 0), (0, 1, -1, -1))),
     4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
@@ -222,7 +235,8 @@ def _output_transform_t(g, m: int) -> jax.Array:
   batch, h, w, o = g.shape
   g = g.reshape(batch, h // m, m, w // m, m, o)
   rows = _combine([g[:, :, r] for r in range(m)], a)
-  dm = [t for r in rows for t in _combine([r[:, :, :, s] for s in range(m)], a)]
+  dm = [t for r in rows
+        for t in _combine([r[:, :, :, s] for s in range(m)], a)]
   return jnp.stack(dm).reshape(len(dm), -1, o)
 
 
