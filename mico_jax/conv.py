@@ -190,10 +190,12 @@ def _input_transform(x, m: int) -> jax.Array:
   `[B, m·th + 2, m·tw + 2, C]` -> `[(m + 2)², B·th·tw, C]`."""
   bt = _WINOGRAD[m][0]
   th, tw = (x.shape[1] - 2) // m, (x.shape[2] - 2) // m
-  rows = _combine([x[:, p:p + m * th:m] for p in range(m + 2)], bt)
-  v = [t for r in rows
-       for t in _combine([r[:, :, q:q + m * tw:m] for q in range(m + 2)], bt)]
-  return jnp.stack(v).reshape(len(v), -1, x.shape[-1])
+  # One stack per axis (not one of (m + 2)² parts): XLA:CPU then writes
+  # each stage in one pass, ~3% of a CNN step.
+  rows = jnp.stack(_combine([x[:, p:p + m * th:m] for p in range(m + 2)], bt))
+  v = jnp.stack(_combine([rows[:, :, :, q:q + m * tw:m]
+                          for q in range(m + 2)], bt), 1)
+  return v.reshape((m + 2) ** 2, -1, x.shape[-1])
 
 
 def _overlap_add(parts: Sequence[jax.Array], m: int, axis: int) -> jax.Array:
@@ -230,14 +232,14 @@ def _output_transform(mm, m: int, tiles) -> jax.Array:
 
 
 def _output_transform_t(g, m: int) -> jax.Array:
-  """The transpose of `_output_transform`."""
+  """The transpose of `_output_transform` (one stack per axis, as
+  `_input_transform`)."""
   a = _transposed(_WINOGRAD[m][2])
   batch, h, w, o = g.shape
   g = g.reshape(batch, h // m, m, w // m, m, o)
-  rows = _combine([g[:, :, r] for r in range(m)], a)
-  dm = [t for r in rows
-        for t in _combine([r[:, :, :, s] for s in range(m)], a)]
-  return jnp.stack(dm).reshape(len(dm), -1, o)
+  rows = jnp.stack(_combine([g[:, :, r] for r in range(m)], a))
+  dm = jnp.stack(_combine([rows[:, :, :, :, s] for s in range(m)], a), 1)
+  return dm.reshape((m + 2) ** 2, -1, o)
 
 
 def _kernel_transform(rhs, m: int) -> jax.Array:
