@@ -24,7 +24,8 @@ per-example weight gradient is a_bᵀ g_b, so its squared norm is
 norms), or ||a_bᵀ g_b||² from the instantiated per-example gradient, per
 layer whichever costs fewer FLOPs (P·(D + O) against D·O: "mixed ghost
 clipping"); the bias gradient is Σ_p g_bp. A convolution is a dense layer on
-its unfolded input patches, and is computed so during the DP forward pass;
+its unfolded input patches, and is computed so during the DP forward pass
+(on CPU, 3x3 stride-1 ones by `conv.winograd`, the patches only recorded);
 its per-example kernel gradients are instantiated (`_instantiate`) unless
 too large, and give both its norms and its clipped sum Σ_b w_b a_bᵀ g_b.
 The g_b come from one backward pass to zero perturbations added to each
@@ -370,10 +371,11 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
   The i-th such call's output gets `perturbs[i]` added, so the gradient with
   respect to `perturbs` is the loss gradient with respect to layer outputs.
   Appends one `_Call` per call to `calls`. A supported convolution is
-  computed as its input patches times the kernel, and its recorded input is
-  those patches (see `_unfold`): its backward pass is then matrix products
-  and slices, which XLA:CPU runs at matmul speed inside loops and under
-  `vmap`, where its convolution gradients are ~10x slower or worse.
+  computed as its input patches times the kernel (or by Winograd's
+  transforms: `_conv_output`), and its recorded input is those patches (see
+  `_unfold`): its backward pass is then matrix products and slices, which
+  XLA:CPU runs at matmul speed inside loops and under `vmap`, where its
+  convolution gradients are ~10x slower or worse.
   """
   inputs, outputs = [], []
 
