@@ -66,7 +66,37 @@ def unfold(inputs: jax.Array, kernel_size: Sequence[int],
       for offsets in itertools.product(*map(range, kernel_size))], -1)
 
 
-def _channels_last(rank: int) -> lax.ConvDimensionNumbers:
+def patch_gram(inputs: jax.Array, kernel_size: Sequence[int],
+               strides: Sequence[int], padding, precision=None) -> jax.Array:
+  """Each example's Gram matrix of its patches, `unfold(...)` times its
+  transpose `[B, P, P]` (P output positions), without the patches.
+
+  Patch p holds the (padded) input at positions s·p + o for the kernel's
+  offsets o, so <patch_p, patch_q> = Σ_o <x[s·p + o], x[s·q + o]>: the Gram
+  matrix of the input's positions (`[S, S]`, contracting C, not prod(kernel)
+  · C), summed over the offsets one axis at a time. Cheaper than the
+  patches' own where S² · C < P² · prod(kernel) · C.
+  """
+  pads = _pads(padding, inputs.shape[1:-1], kernel_size, strides)
+  x = jnp.pad(inputs, ((0, 0), *pads, (0, 0)))
+  batch, *spatial, channels = x.shape
+  rank = len(spatial)
+  flat = x.reshape(batch, -1, channels)
+  gram = lax.dot_general(flat, flat, (((2,), (2,)), ((0,), (0,))),
+                         precision=precision).reshape(batch, *spatial,
+                                                      *spatial)
+  positions = 1
+  for axis, (k, s, n) in enumerate(zip(kernel_size, strides, spatial)):
+    out = (n - k) // s + 1
+    positions *= out
+    take = lambda a, o, d, s=s, out=out: lax.slice_in_dim(
+        a, o, o + s * (out - 1) + 1, s, d)
+    gram = functools.reduce(operator.add, [
+        take(take(gram, o, 1 + axis), o, 1 + rank + axis) for o in range(k)])
+  return gram.reshape(batch, positions, positions)
+
+
+def channels_last(rank: int) -> lax.ConvDimensionNumbers:
   """NHWC / HWIO / NHWC (flax's layout) for `rank` spatial axes."""
   return lax.ConvDimensionNumbers(
       (0, rank + 1) + tuple(range(1, rank + 1)),
@@ -96,7 +126,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   undilated = all(d == 1 for d in (*(lhs_dilation or ()),
                                    *(rhs_dilation or ())))
-  if (dims != _channels_last(rank) or not undilated or feature_group_count != 1
+  if (dims != channels_last(rank) or not undilated or feature_group_count != 1
       or kwargs.get("batch_group_count", 1) != 1):
     return native(lhs, rhs)
 

@@ -71,6 +71,21 @@ def test_winograd_tiles_mico_cnn():
   assert conv.winograd_tile((9, 9), (3, 3), (2, 2), "SAME") is None
 
 
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 9, 8, 3), (3, 3), (1, 1), "VALID"),
+    ((2, 12, 12, 2), (8, 8), (2, 2), ((3, 3), (3, 3))),  # MICO's conv1
+    ((3, 10, 4), (3,), (2,), "SAME"),
+], ids=["valid", "strided", "1d-same"])
+def test_patch_gram_equals_the_patches_gram(shape, kernel, strides, padding):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  patches = np.asarray(conv.unfold(x, kernel, strides, padding),
+                       np.float64).reshape(shape[0], -1, np.prod(kernel) *
+                                           shape[-1])
+  np.testing.assert_allclose(
+      conv.patch_gram(x, kernel, strides, padding, lax.Precision.HIGHEST),
+      np.einsum("bpd,bqd->bpq", patches, patches), rtol=1e-5, atol=1e-5)
+
+
 def test_max_pool_equals_flax_with_ties():
   # Few distinct values: most windows hold their maximum more than once,
   # and all of the gradient must go where select_and_scatter puts it.
