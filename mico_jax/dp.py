@@ -635,8 +635,9 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
       continue
     # Calls of one layer share its weights: their positions add up. Norms
     # in float32 whatever the compute dtype: clipping must be exact.
-    g = jnp.concatenate([_rows(None, g_outputs[i]) for i in idx],
-                        1).astype(jnp.float32)
+    g = jnp.concatenate(
+        [g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1])
+         for i in idx], 1).astype(jnp.float32)
     if module.use_bias:
       norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
     if _by_input_gram(module, len(idx), inputs[idx[0]], g):
