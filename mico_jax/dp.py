@@ -24,9 +24,13 @@ per-example weight gradient is a_bᵀ g_b, so its squared norm is
 norms), or ||a_bᵀ g_b||² from the instantiated per-example gradient, per
 layer whichever costs fewer FLOPs (P·(D + O) against D·O: "mixed ghost
 clipping"); the bias gradient is Σ_p g_bp. A convolution is a dense layer on
-its unfolded input patches, and is computed so during the DP forward pass;
-its per-example kernel gradients are instantiated (`_instantiate`) unless
-too large, and give both its norms and its clipped sum Σ_b w_b a_bᵀ g_b.
+its unfolded input patches, and is computed so during the DP forward pass
+(on CPU, 3x3 stride-1 ones by `conv.winograd`, the patches only recorded);
+its norms come from its input's Gram matrix where that is cheaper
+(`_by_input_gram`: no patches; its clipped sum is then the layer's own
+kernel gradient at the reweighted g, Winograd's on CPU), else its per-example
+kernel gradients are instantiated (`_instantiate`) unless too large, and
+give both its norms and its clipped sum Σ_b w_b a_bᵀ g_b.
 The g_b come from one backward pass to zero perturbations added to each
 layer's output (flax method interception, so models need no hooks). The
 clipped sum of weight gradients is then Σ_b w_b a_bᵀ g_b with
@@ -370,10 +374,11 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
   The i-th such call's output gets `perturbs[i]` added, so the gradient with
   respect to `perturbs` is the loss gradient with respect to layer outputs.
   Appends one `_Call` per call to `calls`. A supported convolution is
-  computed as its input patches times the kernel, and its recorded input is
-  those patches (see `_unfold`): its backward pass is then matrix products
+  computed as its input patches times the kernel (or by Winograd's
+  transforms: `_conv_output`): its backward pass is then matrix products
   and slices, which XLA:CPU runs at matmul speed inside loops and under
-  `vmap`, where its convolution gradients are ~10x slower or worse.
+  `vmap`, where its convolution gradients are ~10x slower or worse. Its
+  recorded input is the layer's input (`_rows` unfolds it where needed).
   """
   inputs, outputs = [], []
 
@@ -385,10 +390,9 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
     layer_input = args[0] if args else kwargs["inputs"]
     supported = _supported(module, layer_input, x.shape[0], kwargs)
     if supported and type(module) is nn.Conv:  # pylint: disable=unidiomatic-typecheck
-      layer_input = _unfold(module, layer_input)
       kernel = module.get_variable("params", "kernel")
-      out = jnp.einsum("b...d,do->b...o", layer_input,
-                       kernel.reshape(-1, kernel.shape[-1]))
+      patches = _unfold(module, layer_input)
+      out = _conv_output(module, layer_input, patches, kernel)
       if module.use_bias:
         bias = module.get_variable("params", "bias")
         out = out + bias.reshape((1,) * (out.ndim - 1) + bias.shape)
@@ -416,6 +420,35 @@ def _unfold(module: nn.Conv, inputs: jax.Array) -> jax.Array:
                      _conv_padding(module, rank))
 
 
+def _rows(module: nn.Module, layer_input: jax.Array) -> jax.Array:
+  """A recorded layer input as the rows `[B, P, D]` its kernel multiplies."""
+  if type(module) is nn.Conv:  # pylint: disable=unidiomatic-typecheck
+    layer_input = _unfold(module, layer_input)
+  return layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
+
+
+def _conv_output(module: nn.Conv, inputs: jax.Array, patches: jax.Array,
+                 kernel: jax.Array) -> jax.Array:
+  """A supported convolution's output: its patches times the kernel, or on
+  CPU Winograd's (`conv.winograd`) where it applies, whose input gradient
+  takes fewer products (the patches are then only recorded)."""
+  def by_patches(inputs, patches, kernel):
+    del inputs
+    return jnp.einsum("b...d,do->b...o", patches,
+                      kernel.reshape(-1, kernel.shape[-1]))
+
+  rank = kernel.ndim - 2
+  padding = _conv_padding(module, rank)
+  tile = conv.winograd_tile(inputs.shape[1:-1], kernel.shape[:-2],
+                            _as_tuple(module.strides, rank), padding)
+  if tile is None:
+    return by_patches(inputs, patches, kernel)
+  return jax.lax.platform_dependent(
+      inputs, patches, kernel, default=by_patches,
+      cpu=lambda inputs, _, kernel: conv.winograd(inputs, kernel, padding,
+                                                  tile))
+
+
 # Largest per-example kernel gradients `[B, D, O]` instantiated at once.
 _INSTANTIATE_FLOATS = 2**26
 
@@ -432,6 +465,38 @@ def _instantiate(module: nn.Module, a_BxPxD: jax.Array,
   batch, p, d = a_BxPxD.shape
   return (type(module) is nn.Conv and p > 1 and  # pylint: disable=unidiomatic-typecheck
           batch * d * g_BxPxO.shape[-1] <= _INSTANTIATE_FLOATS)
+
+
+def _by_input_gram(module: nn.Module, calls: int, x: jax.Array,
+                   g_BxPxO: jax.Array) -> bool:
+  """Whether a convolution's norms come from its input's Gram matrix
+  (`conv.patch_gram`, S padded input positions) and its clipped sum from
+  its own kernel gradient (Winograd's on CPU), never from its patches:
+  where S²·C + P²·O (the two Gram matrices) costs fewer FLOPs than the
+  per-example gradients (P·D·O), within their memory bound."""
+  if type(module) is not nn.Conv or calls != 1:  # pylint: disable=unidiomatic-typecheck
+    return False
+  kernel = _as_tuple(module.kernel_size, 1)
+  rank = len(kernel)
+  padding = _conv_padding(module, rank)
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(
+        x.shape[1:-1], kernel, _as_tuple(module.strides, rank), padding)
+  s = math.prod(n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], padding))
+  batch, p, o = g_BxPxO.shape
+  c = x.shape[-1]
+  return (s * s * c + p * p * o < p * math.prod(kernel) * c * o and
+          batch * s * s <= _INSTANTIATE_FLOATS)
+
+
+def _conv_kernel_gradient(module: nn.Conv, x: jax.Array, kernel: jax.Array,
+                          g: jax.Array) -> jax.Array:
+  """Σ_b of the convolution's kernel gradients at output gradients `g`."""
+  rank = kernel.ndim - 2
+  return jax.vjp(lambda k: conv.conv_general_dilated(
+      x, k, _as_tuple(module.strides, rank), _conv_padding(module, rank),
+      dimension_numbers=conv.channels_last(rank), precision=_FULL),
+                 kernel)[1](g)[0]
 
 
 def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
@@ -584,6 +649,7 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
 
   norm_sq_B = jnp.zeros(batch, jnp.float32)
   a_g = {}  # path -> (a `[B, P, D]`, g `[B, P, O]`)
+  x_g = {}  # path -> (the convolution's input, its output gradient)
   kernels_B = {}  # path -> instantiated per-example kernel gradients
   for path, idx in by_path.items():
     module = calls[idx[0]].module
@@ -594,17 +660,29 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
       continue
     # Calls of one layer share its weights: their positions add up. Norms
     # in float32 whatever the compute dtype: clipping must be exact.
-    a, g = (jnp.concatenate([t[i].reshape(batch, -1, t[i].shape[-1])
-                             for i in idx], 1).astype(jnp.float32)
-            for t in (inputs, g_outputs))
+    g = jnp.concatenate(
+        [g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1])
+         for i in idx], 1).astype(jnp.float32)
+    if module.use_bias:
+      norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
+    if _by_input_gram(module, len(idx), inputs[idx[0]], g):
+      x_in = inputs[idx[0]].astype(jnp.float32)
+      kernel = _as_tuple(module.kernel_size, 1)
+      gram_a = conv.patch_gram(
+          x_in, kernel, _as_tuple(module.strides, len(kernel)),
+          _conv_padding(module, len(kernel)), _FULL)
+      gram_g = jnp.einsum("bpo,bqo->bpq", g, g, precision=_FULL)
+      norm_sq_B += jnp.sum(gram_a * gram_g, (1, 2))
+      x_g[path] = x_in, g_outputs[idx[0]].astype(jnp.float32)
+      continue
+    a = jnp.concatenate([_rows(calls[i].module, inputs[i]) for i in idx],
+                        1).astype(jnp.float32)
     a_g[path] = a, g
     if _instantiate(module, a, g):
       kernels_B[path] = jnp.einsum("bpd,bpo->bdo", a, g, precision=_FULL)
       norm_sq_B += jnp.sum(kernels_B[path] ** 2, (1, 2))
     else:
       norm_sq_B += _kernel_norm_sq(a, g)
-    if module.use_bias:
-      norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
 
   # Other parameters by per-example gradients of those leaves only.
   flat = traverse_util.flatten_dict(params)
@@ -642,8 +720,16 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
     grads[name + ("kernel",)] = kernel.reshape(flat[name + ("kernel",)].shape)
     if calls[by_path[path][0]].module.use_bias:
       grads[name + ("bias",)] = g.sum((0, 1))
+  for path, (x_in, g) in x_g.items():
+    name = ("params",) + path
+    module = calls[by_path[path][0]].module
+    g = g * weight_B.reshape((batch,) + (1,) * (g.ndim - 1))
+    grads[name + ("kernel",)] = _conv_kernel_gradient(
+        module, x_in, flat[name + ("kernel",)].astype(jnp.float32), g)
+    if module.use_bias:
+      grads[name + ("bias",)] = g.sum(tuple(range(g.ndim - 1)))
   for path, idx in by_path.items():
-    if path in a_g:
+    if path in a_g or path in x_g:
       continue
     # An embedding's or LayerNorm's clipped sum: its VJP at the reweighted g.
     layer_grads = [
