@@ -25,7 +25,8 @@ norms), or ||a_bᵀ g_b||² from the instantiated per-example gradient, per
 layer whichever costs fewer FLOPs (P·(D + O) against D·O: "mixed ghost
 clipping"); the bias gradient is Σ_p g_bp. A convolution is a dense layer on
 its unfolded input patches, and is computed so during the DP forward pass
-(on CPU, 3x3 stride-1 ones by `conv.winograd`, the patches only recorded);
+(on CPU as `conv.conv_general_dilated` computes it: Winograd for 3x3
+stride-1 ones);
 its norms come from its input's Gram matrix where that is cheaper
 (`_by_input_gram`: no patches; its clipped sum is then the layer's own
 kernel gradient at the reweighted g, Winograd's on CPU), else its per-example
@@ -390,9 +391,8 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
     layer_input = args[0] if args else kwargs["inputs"]
     supported = _supported(module, layer_input, x.shape[0], kwargs)
     if supported and type(module) is nn.Conv:  # pylint: disable=unidiomatic-typecheck
-      kernel = module.get_variable("params", "kernel")
-      patches = _unfold(module, layer_input)
-      out = _conv_output(module, layer_input, patches, kernel)
+      out = _conv_output(module, layer_input,
+                         module.get_variable("params", "kernel"))
       if module.use_bias:
         bias = module.get_variable("params", "bias")
         out = out + bias.reshape((1,) * (out.ndim - 1) + bias.shape)
@@ -410,14 +410,20 @@ def _tapped_apply(apply_fn: Callable, params: PyTree, x: jax.Array,
   return logits, inputs, outputs
 
 
+def _geometry(module: nn.Conv) -> tuple[tuple[int, ...], tuple[int, ...],
+                                         Any]:
+  """A supported convolution's kernel size, strides and padding."""
+  kernel = _as_tuple(module.kernel_size, 1)
+  rank = len(kernel)
+  return (kernel, _as_tuple(module.strides, rank),
+          _conv_padding(module, rank))
+
+
 def _unfold(module: nn.Conv, inputs: jax.Array) -> jax.Array:
   """A convolution's input patches `[B, *out_spatial, D]` (`conv.unfold`),
   features in the kernel's order: the convolution is these patches times
   the kernel reshaped to `[D, O]`."""
-  kernel = _as_tuple(module.kernel_size, 1)
-  rank = len(kernel)
-  return conv.unfold(inputs, kernel, _as_tuple(module.strides, rank),
-                     _conv_padding(module, rank))
+  return conv.unfold(inputs, *_geometry(module))
 
 
 def _rows(module: nn.Module, layer_input: jax.Array) -> jax.Array:
@@ -427,26 +433,27 @@ def _rows(module: nn.Module, layer_input: jax.Array) -> jax.Array:
   return layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
 
 
-def _conv_output(module: nn.Conv, inputs: jax.Array, patches: jax.Array,
+def _conv(module: nn.Conv, inputs: jax.Array, kernel: jax.Array,
+          precision=None) -> jax.Array:
+  """The convolution `conv.conv_general_dilated` computes (on CPU: Winograd
+  or patches times kernel, with their written-out backward passes)."""
+  _, strides, padding = _geometry(module)
+  return conv.conv_general_dilated(
+      inputs, kernel, strides, padding, precision=precision,
+      dimension_numbers=conv.channels_last(kernel.ndim - 2))
+
+
+def _conv_output(module: nn.Conv, inputs: jax.Array,
                  kernel: jax.Array) -> jax.Array:
-  """A supported convolution's output: its patches times the kernel, or on
-  CPU Winograd's (`conv.winograd`) where it applies, whose input gradient
-  takes fewer products (the patches are then only recorded)."""
-  def by_patches(inputs, patches, kernel):
-    del inputs
-    return jnp.einsum("b...d,do->b...o", patches,
+  """A supported convolution's output in the DP pass: `_conv` on CPU, its
+  patches times the kernel elsewhere (matrix products under `vmap`)."""
+  def by_patches(inputs, kernel):
+    return jnp.einsum("b...d,do->b...o", _unfold(module, inputs),
                       kernel.reshape(-1, kernel.shape[-1]))
 
-  rank = kernel.ndim - 2
-  padding = _conv_padding(module, rank)
-  tile = conv.winograd_tile(inputs.shape[1:-1], kernel.shape[:-2],
-                            _as_tuple(module.strides, rank), padding)
-  if tile is None:
-    return by_patches(inputs, patches, kernel)
   return jax.lax.platform_dependent(
-      inputs, patches, kernel, default=by_patches,
-      cpu=lambda inputs, _, kernel: conv.winograd(inputs, kernel, padding,
-                                                  tile))
+      inputs, kernel, default=by_patches,
+      cpu=lambda inputs, kernel: _conv(module, inputs, kernel))
 
 
 # Largest per-example kernel gradients `[B, D, O]` instantiated at once.
@@ -476,12 +483,9 @@ def _by_input_gram(module: nn.Module, calls: int, x: jax.Array,
   per-example gradients (P·D·O), within their memory bound."""
   if type(module) is not nn.Conv or calls != 1:  # pylint: disable=unidiomatic-typecheck
     return False
-  kernel = _as_tuple(module.kernel_size, 1)
-  rank = len(kernel)
-  padding = _conv_padding(module, rank)
+  kernel, strides, padding = _geometry(module)
   if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(
-        x.shape[1:-1], kernel, _as_tuple(module.strides, rank), padding)
+    padding = jax.lax.padtype_to_pads(x.shape[1:-1], kernel, strides, padding)
   s = math.prod(n + lo + hi for n, (lo, hi) in zip(x.shape[1:-1], padding))
   batch, p, o = g_BxPxO.shape
   c = x.shape[-1]
@@ -492,11 +496,7 @@ def _by_input_gram(module: nn.Module, calls: int, x: jax.Array,
 def _conv_kernel_gradient(module: nn.Conv, x: jax.Array, kernel: jax.Array,
                           g: jax.Array) -> jax.Array:
   """Σ_b of the convolution's kernel gradients at output gradients `g`."""
-  rank = kernel.ndim - 2
-  return jax.vjp(lambda k: conv.conv_general_dilated(
-      x, k, _as_tuple(module.strides, rank), _conv_padding(module, rank),
-      dimension_numbers=conv.channels_last(rank), precision=_FULL),
-                 kernel)[1](g)[0]
+  return jax.vjp(lambda k: _conv(module, x, k, _FULL), kernel)[1](g)[0]
 
 
 def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
@@ -667,10 +667,7 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
       norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
     if _by_input_gram(module, len(idx), inputs[idx[0]], g):
       x_in = inputs[idx[0]].astype(jnp.float32)
-      kernel = _as_tuple(module.kernel_size, 1)
-      gram_a = conv.patch_gram(
-          x_in, kernel, _as_tuple(module.strides, len(kernel)),
-          _conv_padding(module, len(kernel)), _FULL)
+      gram_a = conv.patch_gram(x_in, *_geometry(module), _FULL)
       gram_g = jnp.einsum("bpo,bqo->bpq", g, g, precision=_FULL)
       norm_sq_B += jnp.sum(gram_a * gram_g, (1, 2))
       x_g[path] = x_in, g_outputs[idx[0]].astype(jnp.float32)
