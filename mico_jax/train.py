@@ -282,10 +282,11 @@ class Trainer:
     group = self._group_size(num_models)
     models = (state.params, state.opt_state, state.sampler_state, state.key_K,
               train_KxT)
+    # All K in one group: no split or merge, which would copy the state
+    # (two calls, a few % of a short run).
+    split = [models] if group == num_models else _take_groups(models, group)
     groups, loss_sums = [], []
-    for j in range(num_models // group):
-      params, opt_state, sampler_state, key_G, train_GxT = _take_group(
-          models, j, group)
+    for params, opt_state, sampler_state, key_G, train_GxT in split:
       loss_sum_G = jnp.zeros(group, jnp.float32)
       for offset in range(num_steps):
         params, opt_state, sampler_state, loss_sum_G = self._jitted_step(
@@ -293,8 +294,11 @@ class Trainer:
             state.step, offset, x_N, y_N)
       groups.append((params, opt_state, sampler_state))
       loss_sums.append(loss_sum_G)
-    (params, opt_state, sampler_state), loss_K = _merge_groups(groups,
-                                                               loss_sums)
+    if len(groups) == 1:
+      (params, opt_state, sampler_state), loss_K = groups[0], loss_sums[0]
+    else:
+      (params, opt_state, sampler_state), loss_K = _merge_groups(groups,
+                                                                 loss_sums)
     return (TrainState(params, opt_state, sampler_state, state.key_K,
                        state.step + num_steps), loss_K / num_steps)
 
@@ -354,10 +358,13 @@ def _merge_group_axis(v: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("group",))
-def _take_group(models: PyTree, j: jax.Array, group: int) -> PyTree:
-  """Group j of the K models: models j, j + K/G, ... (one of each device
-  when K is sharded over G devices in blocks)."""
-  return jax.tree.map(lambda v: _split_groups(v, group)[j], models)
+def _take_groups(models: PyTree, group: int) -> list[PyTree]:
+  """The K/G groups of the K models, in one call: group j holds models j,
+  j + K/G, ... (one of each device when K is sharded over G devices in
+  blocks)."""
+  split = jax.tree.map(lambda v: _split_groups(v, group), models)
+  num_groups = jax.tree.leaves(models)[0].shape[0] // group
+  return [jax.tree.map(lambda v: v[j], split) for j in range(num_groups)]
 
 
 @jax.jit
