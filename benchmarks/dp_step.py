@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from mico_jax import bitpack, dp, models, pipeline, train
-from benchmarks.vs_reference import matmul_peak
+from mico_jax import dp, models, parallel, pipeline, train
+from benchmarks.vs_reference import matmul_peak, sharded_runner
 
 
 def _parse():
@@ -42,6 +42,9 @@ def _parse():
   parser.add_argument("--epsilon", type=float, default=10.0)
   parser.add_argument("--steps", type=int, default=8,
                       help="steps per timed run")
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="CPU devices (default: one a core); the K models"
+                      " are sharded over the most of them that divide K")
   parser.add_argument("--repeats", type=int, default=5,
                       help="timed runs of each kind; the fastest counts")
   return parser.parse_args()
@@ -73,16 +76,6 @@ def _expected_rows(mech: dp.Mechanism, head: int, chunk: int) -> float:
   return float(np.sum(pmf * (head + chunk * chunks)) / pmf.sum())
 
 
-def _prepare(trainer, num_models, x_N, y_N, args) -> Callable[[], object]:
-  """A compiled, warmed-up run of `args.steps` steps on `num_models` models."""
-  n = args.len_training
-  train_KxT = jnp.tile(jnp.arange(n, dtype=jnp.int32), (num_models, 1))
-  keys = train.model_keys(np.arange(num_models * 3).reshape(-1, 3))
-  state = trainer.init(keys, x_N[0])
-  state, _ = trainer.run(state, train_KxT, x_N, y_N, args.steps)  # compiles
-  return lambda: trainer.run(state, train_KxT, x_N, y_N, args.steps)
-
-
 def _seconds_per_step(runs: dict[str, Callable[[], object]], args
                      ) -> dict[str, float]:
   """Fastest time per step of each run, interleaved so that load from other
@@ -98,12 +91,13 @@ def _seconds_per_step(runs: dict[str, Callable[[], object]], args
 
 def main():
   args = _parse()
+  parallel.initialize(cpu_devices=args.cpu_devices)
   n, d, c, h = args.len_training, args.features, args.classes, args.hidden
   rng = np.random.default_rng(0)
-  # Sparse binary features, held as `pipeline.train_models` holds them: bits.
-  x_N = jax.tree.map(jnp.asarray, bitpack.pack(
-      (rng.random((n, d)) < 0.1).astype(np.float32)))
-  y_N = jnp.asarray(rng.integers(0, c, n), jnp.int32)
+  x_N = (rng.random((n, d)) < 0.1).astype(np.float32)  # sparse, binary
+  y_N = rng.integers(0, c, n).astype(np.int32)
+  prepare = lambda trainer, num_models: sharded_runner(
+      trainer, num_models, n, x_N, y_N, args.steps)
   model = models.MLP(c, (h,))
   config = train.TrainConfig("adam", 1e-3, batch_size=args.batch_size,
                              epochs=30, decay_every=5, decay_rate=0.9)
@@ -123,12 +117,12 @@ def main():
 
   k, k_naive = args.models, args.naive_models
   runs = {
-      "plain": _prepare(plain, k, x_N, y_N, args),
-      "padded": _prepare(padded, k, x_N, y_N, args),
-      "ghost": _prepare(ghost, k, x_N, y_N, args),
-      "noiseless": _prepare(noiseless, k, x_N, y_N, args),
-      "ghost_small": _prepare(ghost, k_naive, x_N, y_N, args),
-      "naive": _prepare(naive, k_naive, x_N, y_N, args),
+      "plain": prepare(plain, k),
+      "padded": prepare(padded, k),
+      "ghost": prepare(ghost, k),
+      "noiseless": prepare(noiseless, k),
+      "ghost_small": prepare(ghost, k_naive),
+      "naive": prepare(naive, k_naive),
   }
   peak = matmul_peak(args.repeats)
   secs = _seconds_per_step(runs, args)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mico_jax import bitpack, dp, models, pipeline, train
+from mico_jax import bitpack, dp, models, parallel, pipeline, train
 
 # MICO's recipes. MLP: Purchase-100, n = 150,000, Adam 1e-3, batch 512, C = 2.6.
 # CNN: CIFAR-10, n = 50,000, SGD; batch 32 (lr 0.005) without DP, 512 (lr 0.5)
@@ -59,6 +59,10 @@ def _parse():
   parser.add_argument("--cnn_channels", default="128,256,256")
   parser.add_argument("--threads", type=int, default=2,
                       help="torch threads (match the cores JAX uses)")
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="CPU devices for mico_jax (default: one a core, as"
+                      " experiments.run); K models are sharded over the most"
+                      " of them that divide K, as the main job shards them")
   parser.add_argument("--no_reference", action="store_true",
                       help="mico_jax only (no torch needed)")
   parser.add_argument("--smoke", action="store_true",
@@ -133,18 +137,8 @@ class Workload:
     # gradients ~4-40x slower inside a loop (see RESULTS.md).
     trainer = pipeline.make_trainer(self.model, self.config, self.n,
                                     unroll=self.name.startswith("cnn"))
-    train_KxT = jnp.tile(jnp.arange(self.n, dtype=jnp.int32), (num_models, 1))
-    # As `pipeline.train_models` holds the pool: binary features as bits.
-    x_N = jax.tree.map(jnp.asarray, bitpack.pack(self.x_N))
-    y_N = jnp.asarray(self.y_N)
-    keys = train.model_keys(np.arange(num_models * 3).reshape(-1, 3))
-    state = trainer.init(keys, x_N[0])
-    # Timed from after the warm-up: not at step 0, where a shuffled epoch
-    # starts with a permutation of the n points (MICO's loader has none).
-    state, _ = jax.block_until_ready(
-        trainer.run(state, train_KxT, x_N, y_N, steps))
-    return lambda: jax.block_until_ready(
-        trainer.run(state, train_KxT, x_N, y_N, steps))
+    return sharded_runner(trainer, num_models, self.n, self.x_N, self.y_N,
+                          steps)
 
   def torch_runner(self, mode: str, steps: int) -> Callable[[], None]:
     """MICO's trainer for one model: `mode` is plain, hooks or ghost."""
@@ -198,6 +192,27 @@ class Workload:
     return run
 
 
+def sharded_runner(trainer: train.Trainer, num_models: int, n: int,
+                   x_N: np.ndarray, y_N: np.ndarray, steps: int
+                   ) -> Callable[[], None]:
+  """A compiled, warmed-up `steps`-step run of K models on the n points,
+  held and sharded as `pipeline.train_models` holds them: binary features
+  as bits, the models over `parallel.make_mesh(K)`."""
+  mesh = parallel.make_mesh(num_models)
+  train_KxT = parallel.put_models(
+      np.tile(np.arange(n, dtype=np.int32), (num_models, 1)), mesh)
+  x_N, y_N = parallel.put_replicated((bitpack.pack(x_N), y_N), mesh)
+  key_K = parallel.put_models(np.asarray(train.model_keys(
+      np.arange(num_models * 3).reshape(-1, 3))), mesh)
+  state = pipeline.init_state(trainer, key_K, jnp.asarray(x_N[0]), mesh)
+  # Timed from after the warm-up: not at step 0, where a shuffled epoch
+  # starts with a permutation of the n points (MICO's loader has none).
+  state, _ = jax.block_until_ready(
+      trainer.run(state, train_KxT, x_N, y_N, steps))
+  return lambda: jax.block_until_ready(
+      trainer.run(state, train_KxT, x_N, y_N, steps))
+
+
 def _time(run: Callable[[], None]) -> float:
   start = time.perf_counter()
   run()
@@ -206,6 +221,7 @@ def _time(run: Callable[[], None]) -> float:
 
 def main():
   args = _parse()
+  parallel.initialize(cpu_devices=args.cpu_devices)
   if not args.no_reference:
     try:
       import opacus  # pylint: disable=g-import-not-at-top,unused-import
@@ -259,7 +275,8 @@ def main():
                                    one["seconds_per_step_per_model"])
 
   print(f"JAX f32 matmul peak (same run): {peak / 1e9:.1f} GFLOP/s;"
-        f" {jax.devices()}, jax {jax.__version__}"
+        f" {len(jax.devices())} {jax.default_backend()} devices,"
+        f" jax {jax.__version__}"
         + ("" if args.no_reference else
            f", torch {torch.__version__} ({args.threads} threads),"
            f" opacus {opacus.__version__}"))

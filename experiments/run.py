@@ -148,6 +148,11 @@ _CHECKPOINT_MINUTES = flags.DEFINE_float(
 _ATTACKS_ONLY = flags.DEFINE_bool(
     "attacks_only", False, "Rerun the attacks on the trained models and"
     " statistics saved by an earlier run; never train.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "CPU devices to shard the models over (on CPU): they"
+    " share the machine's cores and run side by side, which fills the cores"
+    " better than one device (default: one a core, or as XLA_FLAGS' host"
+    " platform device count says).", lower_bound=1)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a multi-process"
     " run (default: $JAX_COORDINATOR_ADDRESS; unset: one process).")
@@ -615,7 +620,7 @@ def main(argv):
     plan = _validate(terminal.progress)
     # Before any other JAX use: it decides which devices there are.
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                        _PROCESS_ID.value)
+                        _PROCESS_ID.value, _CPU_DEVICES.value)
     if not parallel.is_main_process():
       run(plan, None, log=lambda _: None)
       return

@@ -31,17 +31,49 @@ class ParallelError(ValueError):
   """Devices or processes that cannot work as asked; the message says why."""
 
 
+def default_cpu_devices() -> int | None:
+  """CPU devices to expose when the user names no count: one a core, or None
+  (JAX's choice) where `XLA_FLAGS` already names one.
+
+  XLA:CPU runs the programs of different devices side by side, and that
+  fills the cores where one program's own threads leave them idle: on 2
+  cores the Purchase MLP trains ~1.5x faster a model at K = 64 over 2
+  devices than on one, the CNN's DP step ~1.1x, its plain step the same
+  (benchmarks/RESULTS.md).
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS",
+                                                               ""):
+    return None
+  return len(os.sched_getaffinity(0))
+
+
 def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
-  """Starts `jax.distributed` if a coordinator is given; call before JAX use.
+               process_id: int | None = None,
+               cpu_devices: int | None = None) -> bool:
+  """Sets up this process's devices; call before any other JAX use.
 
-  Missing arguments fall back to the environment variables
-  `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
+  Exposes `cpu_devices` CPU devices (None: `default_cpu_devices()`, or the
+  devices JAX already has if it already runs) and starts `jax.distributed`
+  if a coordinator is given. Missing coordinator arguments fall back to the
+  environment variables `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
+  `JAX_PROCESS_ID`.
 
   Returns:
     Whether a multi-process run was started.
   """
+  count = default_cpu_devices() if cpu_devices is None else cpu_devices
+  if count is not None:
+    if count < 1:
+      raise ParallelError(f"the CPU device count must be at least 1, not"
+                          f" {count}")
+    try:
+      jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as e:  # JAX already runs: its devices are fixed
+      if cpu_devices is not None and len(jax.devices("cpu")) != cpu_devices:
+        raise ParallelError(f"{cpu_devices} CPU devices were asked for after"
+                            " JAX started with"
+                            f" {len(jax.devices('cpu'))}") from e
   env = os.environ.get
   coordinator_address = coordinator_address or env("JAX_COORDINATOR_ADDRESS")
   if not coordinator_address:
@@ -63,10 +95,22 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def make_mesh() -> Mesh:
-  """A mesh with one axis, `"models"`, over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (MODELS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(num_models: int | None = None) -> Mesh:
+  """A mesh with one axis, `"models"`, over every device of every process.
+
+  Given `num_models`, one process's CPU devices are the exception: the mesh
+  takes the most of them that divide K, so that no model is padded. They
+  are threads sharing one machine's cores, so fewer of them cost little,
+  where each padding copy costs a model's compute.
+  """
+  devices = jax.devices()
+  if (num_models and jax.process_count() == 1
+      and devices[0].platform == "cpu"):
+    count = max(d for d in range(1, len(devices) + 1) if num_models % d == 0)
+    devices = devices[:count]
+  return jax.make_mesh((len(devices),), (MODELS,),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
 
 
 def padded_size(num_models: int, mesh: Mesh) -> int:
@@ -90,7 +134,9 @@ def describe(mesh: Mesh, num_models: int) -> str:
   padded = padded_size(num_models, mesh)
   size = mesh.shape[MODELS]
   processes = jax.process_count()
-  line = (f"mesh: {size} {jax.devices()[0].platform} devices in {processes}"
+  of = f" of {jax.device_count()}" if size < jax.device_count() else ""
+  line = (f"mesh: {size}{of} {jax.devices()[0].platform} devices in"
+          f" {processes}"
           f" process{'es' if processes > 1 else ''} on axis '{MODELS}';"
           f" {padded // size} models per device")
   if padded > num_models:

@@ -133,7 +133,7 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
     dataset: the pool.
     challenge: the models' splits and seeds.
     log: progress messages, or None.
-    mesh: devices to shard the models over; default all.
+    mesh: devices to shard the models over; default `parallel.make_mesh(K)`.
     checkpoint_dir: if given, resume from the latest checkpoint there and save
       every `save_every` steps, every `save_seconds` (at the next epoch end
       or checkpoint step), at the end and when interrupted.
@@ -147,8 +147,8 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
   Returns:
     Stacked params of the K models, as host arrays.
   """
-  mesh = mesh or parallel.make_mesh()
   num_models = challenge.num_models
+  mesh = mesh or parallel.make_mesh(num_models)
   padded = challenge.select(parallel.pad_indices(num_models, mesh))
   if log:
     log(parallel.describe(mesh, num_models))
@@ -193,8 +193,8 @@ def train_models(model, config: train.TrainConfig, dataset: Dataset,
 def observe(model, params, dataset: Dataset, queries: Sequence[stats.Query],
             mesh: Mesh | None = None) -> stats.Stats:
   """The statistics pass for host params `[K, ...]`, sharded over the mesh."""
-  mesh = mesh or parallel.make_mesh()
   num_models = jax.tree.leaves(params)[0].shape[0]
+  mesh = mesh or parallel.make_mesh(num_models)
   rows = parallel.pad_indices(num_models, mesh)
   if len(rows) > num_models:  # copies only where padding is needed
     params = jax.tree.map(lambda a: a[rows], params)
@@ -209,7 +209,8 @@ class Execution:
   """How a scenario runs: never changes what it computes.
 
   Attributes:
-    mesh: devices to shard the models over; None: all devices.
+    mesh: devices to shard the models over; None: `parallel.make_mesh` of
+      the models trained at once.
     wave_size: models trained at once; more are trained in waves of this
       size, one after another (0: all at once).
     directory: where checkpoints (`checkpoints/models_<a>-<b>/`) and trained
@@ -342,7 +343,8 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
           f" {mechanism.clip_norm}, noise multiplier"
           f" {mechanism.noise_multiplier:.4f}")
   execution = dataclasses.replace(
-      execution, mesh=execution.mesh or parallel.make_mesh())
+      execution, mesh=execution.mesh or parallel.make_mesh(
+          execution.wave_size or num_models))
   params, observed = train_in_waves(model, config, dataset, challenge,
                                     queries, execution, "models", log,
                                     training_seed)

@@ -22,12 +22,12 @@ import jax
 import numpy as np
 import pytest
 
-from mico_jax import data, models, pipeline, stats, tasks, train
+from mico_jax import data, models, parallel, pipeline, stats, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 640 training points in batches of 32: 20 steps an epoch, checkpoints at
-# steps 10, 20, ..., 40 (mid-epoch ones included); 5 models pad to 8 on 8
-# devices and to 8 on 2 x 2.
+# steps 10, 20, ..., 40 (mid-epoch ones included); 5 models take 5 of 8
+# devices in one process, and pad to 8 on 2 x 2.
 # Runs in different workdirs are compared: one training seed for all.
 ARGS = ("--num_models=5", "--epochs=2", "--len_training=640",
         "--checkpoint_every=10", "--attacks=loss,lira_online",
@@ -42,9 +42,12 @@ def _command(workdir, *extra):
 
 
 def _env(devices=1):
+  """`devices` CPU devices by XLA_FLAGS; None: none named there."""
   env = dict(os.environ)
   env.pop("JAX_COORDINATOR_ADDRESS", None)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.pop("XLA_FLAGS", None)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
 
 
@@ -82,13 +85,14 @@ def _reference(tmp_path_factory):
 
 
 def test_eight_devices_match_one(reference, tmp_path):
-  proc = _run(tmp_path, devices=8)
+  proc = _run(tmp_path, "--cpu_devices=8", devices=None)
   assert proc.returncode == 0, proc.stderr
-  assert ("mesh: 8 cpu devices in 1 process on axis 'models'; 1 models per"
-          " device; 5 models padded to 8") in proc.stdout
+  # One process's CPU devices: as many as divide K, so nothing is padded.
+  assert ("mesh: 5 of 8 cpu devices in 1 process on axis 'models'; 1 models"
+          " per device\n") in proc.stdout
   _assert_close_scores(_scores(tmp_path), _scores(reference))
   for got, want in zip(_params(tmp_path), _params(reference)):
-    assert got.shape[0] == 5  # the padding copies are gone
+    assert got.shape[0] == 5
     np.testing.assert_allclose(got, want, rtol=PARAM_RTOL, atol=1e-6)
   assert len((tmp_path / "inf" / "models.csv").read_text().splitlines()) == 6
 
@@ -110,7 +114,7 @@ def test_two_processes_match_one(reference, tmp_path):
   for proc, (_, err) in zip(procs, outs):
     assert proc.returncode == 0, err
   assert ("mesh: 4 cpu devices in 2 processes on axis 'models'; 2 models per"
-          " device") in outs[0][0]
+          " device; 5 models padded to 8 with 3 copies of the last") in outs[0][0]
   assert "wrote" not in outs[1][0]  # only process 0 logs and writes
   _assert_close_scores(_scores(tmp_path), _scores(reference))
   for got, want in zip(_params(tmp_path), _params(reference)):
@@ -179,6 +183,9 @@ _SHARDING_SCRIPT = textwrap.dedent("""
                            "tabular")
     chal = challenge.make_challenge(200, 64, 8, challenge.make_seeds(0, 16))
     mesh = parallel.make_mesh()
+    # Given K, one process's CPU devices: the most of them that divide K.
+    assert [parallel.make_mesh(k).shape["models"] for k in (12, 7, 1, 16)
+            ] == [6, 7, 1, 8]
     model = models.MLP(3, (8,))
     trainer = pipeline.make_trainer(model, train.TrainConfig(batch_size=16),
                                     64)
@@ -224,6 +231,14 @@ def test_training_and_statistics_stay_sharded():
                         timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "ok"
+
+
+def test_default_cpu_devices_are_one_a_core_unless_xla_flags_name_them(
+    monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+  assert parallel.default_cpu_devices() is None
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+  assert parallel.default_cpu_devices() == len(os.sched_getaffinity(0))
 
 
 def test_waves_equal_one_wave():
