@@ -48,7 +48,8 @@ from absl import logging
 import numpy as np
 
 from mico_jax import attacks, challenge, checkpoint, data, ddp, dp, mico_io
-from mico_jax import pipeline, pretrained, report, scoring, stats, tasks
+from mico_jax import parallel, pipeline, pretrained, report, scoring, stats
+from mico_jax import tasks
 from mico_jax.tasks import TASKS
 
 _TASK = flags.DEFINE_enum("task", None, sorted(TASKS), "MICO task.")
@@ -94,6 +95,9 @@ _PER_READ = flags.DEFINE_integer(
 _WAVE_SIZE = flags.DEFINE_integer(
     "wave_size", None, "Fresh shadows trained at once (default: the task's).",
     lower_bound=0)
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "CPU devices to shard the fresh shadows over, as"
+    " experiments.run's flag (default: one a core).", lower_bound=1)
 
 # Differences larger than this many standard errors are flagged.
 _NOISE_SE = 3.0
@@ -396,10 +400,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
+    parallel.initialize(cpu_devices=_CPU_DEVICES.value)
     run()
   except (UserError, mico_io.MicoIOError, data.DataError,
           challenge.ChallengeError, checkpoint.CheckpointError,
-          dp.DPError, pretrained.FolderError) as e:
+          dp.DPError, pretrained.FolderError, parallel.ParallelError) as e:
     sys.exit(f"error: {e}")
 
 

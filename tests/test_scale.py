@@ -114,7 +114,8 @@ def test_two_processes_match_one(reference, tmp_path):
   for proc, (_, err) in zip(procs, outs):
     assert proc.returncode == 0, err
   assert ("mesh: 4 cpu devices in 2 processes on axis 'models'; 2 models per"
-          " device; 5 models padded to 8 with 3 copies of the last") in outs[0][0]
+          " device; 5 models padded to 8 with 3 copies of the last"
+          ) in outs[0][0]
   assert "wrote" not in outs[1][0]  # only process 0 logs and writes
   _assert_close_scores(_scores(tmp_path), _scores(reference))
   for got, want in zip(_params(tmp_path), _params(reference)):
