@@ -8,7 +8,8 @@ its one 3x3 max pool's backward pass (benchmarks/RESULTS.md). On CPU:
     Winograd's minimal filtering F(m x m, 3 x 3) (`winograd`): each m x m
     output tile from an (m + 2)² input tile with (m + 2)² products, i.e.
     (m + 2)² batched matrix products `[B·tiles, C] x [C, O]` between
-    transforms that are sums of strided slices; the backward pass is the
+    the input and output transforms (sums of strided slices) and the
+    kernel's (one small matrix product); the backward pass is the
     same products transposed in the transform domain, with the transforms'
     transposes around them (written out). m = 4 (2.25 products an output,
     not 9) where the output is whole 4 x 4 tiles, else m = 2 (4 an output;
@@ -36,6 +37,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _pads(padding, spatial: Sequence[int], kernel: Sequence[int],
@@ -272,19 +274,25 @@ def _output_transform_t(g, m: int) -> jax.Array:
   return dm.reshape((m + 2) ** 2, -1, o)
 
 
-def _kernel_transform(rhs, m: int) -> jax.Array:
-  """G w Gᵀ: `[3, 3, C, O]` -> `[(m + 2)², C, O]`."""
-  g = _WINOGRAD[m][1]
-  return jnp.stack([t for r in _combine(list(rhs), g)
-                    for t in _combine(list(r), g)])
+def _kernel_matrix(m: int) -> np.ndarray:
+  """G ⊗ G `[(m + 2)², 9]`: G w Gᵀ of a 3x3 kernel w, flattened row-major,
+  is this matrix times w's 9 taps."""
+  g = np.array(_WINOGRAD[m][1], np.float32)
+  return np.kron(g, g)
 
 
-def _kernel_transform_t(u, m: int) -> jax.Array:
+def _kernel_transform(rhs, m: int, precision=None) -> jax.Array:
+  """G w Gᵀ: `[3, 3, C, O]` -> `[(m + 2)², C, O]`, as one product
+  `[(m + 2)², 9] x [9, C·O]` (a stack of sums of the 9 taps took ~2% more
+  of a CNN step: benchmarks/RESULTS.md)."""
+  return jnp.matmul(_kernel_matrix(m), rhs.reshape(9, -1),
+                    precision=precision).reshape(-1, *rhs.shape[2:])
+
+
+def _kernel_transform_t(u, m: int, precision=None) -> jax.Array:
   """The transpose of `_kernel_transform`."""
-  g = _transposed(_WINOGRAD[m][1])
-  u = u.reshape(m + 2, m + 2, *u.shape[1:])
-  return jnp.stack([jnp.stack(_combine(list(r), g))
-                    for r in _combine(list(u), g)])
+  return jnp.matmul(_kernel_matrix(m).T, u.reshape(u.shape[0], -1),
+                    precision=precision).reshape(3, 3, *u.shape[1:])
 
 
 _BATCHED = ((0,), (0,))
@@ -298,7 +306,7 @@ def _winograd_valid(lhs, rhs, m, precision):
 
 def _winograd_fwd(lhs, rhs, m, precision):
   v = _input_transform(lhs, m)
-  u = _kernel_transform(rhs, m)
+  u = _kernel_transform(rhs, m, precision)
   mm = lax.dot_general(v, u, (((2,), (1,)), _BATCHED), precision=precision)
   tiles = (lhs.shape[0], (lhs.shape[1] - 2) // m, (lhs.shape[2] - 2) // m)
   return _output_transform(mm, m, tiles), (v, u)
@@ -309,9 +317,20 @@ def _winograd_bwd(m, precision, residuals, g):
   batch, h, w, _ = g.shape
   dm = _output_transform_t(g, m)
   dv = lax.dot_general(dm, u, (((2,), (2,)), _BATCHED), precision=precision)
-  du = lax.dot_general(v, dm, (((1,), (1,)), _BATCHED), precision=precision)
+  if m == 4:
+    # Vᵀ·dM with Vᵀ materialised: XLA:CPU sends a product to YNNPACK only
+    # where its left operand contracts its last axis, and contracting the
+    # rows of both runs on a generic kernel, slow on F(4x4)'s 36 products
+    # of few rows (~2% of a CNN step); the barrier keeps XLA from folding
+    # the transpose back. F(2x2)'s 16 longer products gained nothing (on
+    # MICO's conv3 2.5x conv2's bytes to transpose): benchmarks/RESULTS.md.
+    v_t = lax.optimization_barrier(jnp.swapaxes(v, 1, 2))
+    du = lax.dot_general(v_t, dm, (((2,), (1,)), _BATCHED),
+                         precision=precision)
+  else:
+    du = lax.dot_general(v, dm, (((1,), (1,)), _BATCHED), precision=precision)
   return (_input_transform_t(dv, m, (batch, h + 2, w + 2, v.shape[-1])),
-          _kernel_transform_t(du, m))
+          _kernel_transform_t(du, m, precision))
 
 
 _winograd_valid.defvjp(_winograd_fwd, _winograd_bwd)
