@@ -38,7 +38,7 @@ def default_cpu_devices() -> int | None:
   XLA:CPU runs the programs of different devices side by side, and that
   fills the cores where one program's own threads leave them idle: on 2
   cores the Purchase MLP trains ~1.5x faster a model at K = 64 over 2
-  devices than on one, the CNN's DP step ~1.1x, its plain step the same
+  devices than on one, DP or not, and the CNN ~1.1x at K = 8
   (benchmarks/RESULTS.md).
   """
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS",
