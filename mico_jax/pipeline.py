@@ -342,9 +342,6 @@ def run_scenario(task: Task, config: train.TrainConfig, dataset: Dataset,
           f" {mechanism.capacity}), {mechanism.steps} steps, clip norm"
           f" {mechanism.clip_norm}, noise multiplier"
           f" {mechanism.noise_multiplier:.4f}")
-  execution = dataclasses.replace(
-      execution, mesh=execution.mesh or parallel.make_mesh(
-          execution.wave_size or num_models))
   params, observed = train_in_waves(model, config, dataset, challenge,
                                     queries, execution, "models", log,
                                     training_seed)

@@ -284,7 +284,8 @@ class Trainer:
               train_KxT)
     # All K in one group: no split or merge, which would copy the state
     # (two calls, a few % of a short run).
-    split = [models] if group == num_models else _take_groups(models, group)
+    one_group = group == num_models
+    split = [models] if one_group else _take_groups(models, group)
     groups, loss_sums = [], []
     for params, opt_state, sampler_state, key_G, train_GxT in split:
       loss_sum_G = jnp.zeros(group, jnp.float32)
@@ -294,7 +295,7 @@ class Trainer:
             state.step, offset, x_N, y_N)
       groups.append((params, opt_state, sampler_state))
       loss_sums.append(loss_sum_G)
-    if len(groups) == 1:
+    if one_group:
       (params, opt_state, sampler_state), loss_K = groups[0], loss_sums[0]
     else:
       (params, opt_state, sampler_state), loss_K = _merge_groups(groups,
