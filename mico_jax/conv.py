@@ -336,6 +336,13 @@ def _winograd_bwd(m, precision, residuals, g):
 _winograd_valid.defvjp(_winograd_fwd, _winograd_bwd)
 
 
+def _pads_and_output_3x3(spatial: Sequence[int], padding
+                         ) -> tuple[list[tuple[int, int]], list[int]]:
+  """A stride-1 3x3 convolution's padding pairs and output size."""
+  pads = _pads(padding, spatial, (3, 3), (1, 1))
+  return pads, [n + lo + hi - 2 for n, (lo, hi) in zip(spatial, pads)]
+
+
 def winograd_tile(spatial: Sequence[int], kernel_size: Sequence[int],
                   strides: Sequence[int], padding) -> int | None:
   """The output tile m of the Winograd F(m x m, 3 x 3) a convolution takes
@@ -344,8 +351,7 @@ def winograd_tile(spatial: Sequence[int], kernel_size: Sequence[int],
   an output): F(4 x 4) on a padded output wastes what it saves."""
   if tuple(kernel_size) != (3, 3) or tuple(strides) != (1, 1):
     return None
-  out = [n + lo + hi - 2 for n, (lo, hi) in
-         zip(spatial, _pads(padding, spatial, (3, 3), (1, 1)))]
+  _, out = _pads_and_output_3x3(spatial, padding)
   return 4 if all(o % 4 == 0 for o in out) else 2
 
 
@@ -356,8 +362,7 @@ def winograd(lhs: jax.Array, rhs: jax.Array, padding, m: int,
   `padding`: "SAME", "VALID" or (low, high) pairs. The input is padded to
   whole tiles (the extra outputs are dropped).
   """
-  pads = _pads(padding, lhs.shape[1:3], (3, 3), (1, 1))
-  out = [n + lo + hi - 2 for n, (lo, hi) in zip(lhs.shape[1:3], pads)]
+  pads, out = _pads_and_output_3x3(lhs.shape[1:3], padding)
   extra = [-(-o // m) * m - o for o in out]
   x = lax.pad(lhs, jnp.zeros((), lhs.dtype),
               [(0, 0, 0)] + [(lo, hi + e, 0) for (lo, hi), e in
