@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu.sh            # on the GPU machine, from the repo root
 #   SMOKE=1 bash benchmarks/gpu.sh    # tiny sizes on CPU: checks the script runs
 #
+# Needs requirements.txt's packages (torch not: `--no_reference`); the
+# smoke run passes with jax 0.10.2 and with 0.11.2, an H200 image's jax.
+#
 # Runs MICO's CIFAR-10 CNN and Purchase-100 MLP at K in {1, 16, 64, 200},
 # with and without DP-SGD (mico_jax only: `--no_reference`), then prints the
 # projected wall time of training 200 MICO CIFAR-10 models at the full recipe
@@ -26,6 +29,13 @@ else
   LIMIT=60
 fi
 BUDGET=${BUDGET:-420}
+# One clear line, not 16 failed runs, where a requirement is missing (the
+# H200 image has jax and flax but not dp-accounting, for one).
+if ! error=$(python -c "import benchmarks.vs_reference" 2>&1); then
+  echo "error: cannot import the benchmark (pip install -r requirements.txt):"\
+    "$(tail -n 1 <<<"$error")" >&2
+  exit 1
+fi
 python -c "import jax; print('devices:', jax.devices())"
 for workload in cnn cnn_dp mlp mlp_dp; do
   for k in ${MODELS//,/ }; do
