@@ -499,12 +499,19 @@ def _conv_kernel_gradient(module: nn.Conv, x: jax.Array, kernel: jax.Array,
   return jax.vjp(lambda k: _conv(module, x, k, _FULL), kernel)[1](g)[0]
 
 
+def _sum_sq(v_BxD: jax.Array) -> jax.Array:
+  """Σ_d v_bd² `[B]`, as a batched dot: XLA:CPU sends a row sum to a
+  library reduction that took longer in the MLP's DP step
+  (benchmarks/RESULTS.md)."""
+  return jnp.einsum("bd,bd->b", v_BxD, v_BxD, precision=_FULL)
+
+
 def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
   """Squared norms of the per-example kernel gradients a_bᵀ g_b, cheaply."""
   _, p, d = a_BxPxD.shape
   o = g_BxPxO.shape[-1]
   if p == 1:
-    return (jnp.sum(a_BxPxD ** 2, (1, 2)) * jnp.sum(g_BxPxO ** 2, (1, 2)))
+    return _sum_sq(a_BxPxD[:, 0]) * _sum_sq(g_BxPxO[:, 0])
   if p * (d + o) <= d * o:
     gram_a = jnp.einsum("bpd,bqd->bpq", a_BxPxD, a_BxPxD, precision=_FULL)
     gram_g = jnp.einsum("bpo,bqo->bpq", g_BxPxO, g_BxPxO, precision=_FULL)
@@ -664,7 +671,7 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
         [g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1])
          for i in idx], 1).astype(jnp.float32)
     if module.use_bias:
-      norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
+      norm_sq_B += _sum_sq(g.sum(1))
     if _by_input_gram(module, len(idx), inputs[idx[0]], g):
       x_in = inputs[idx[0]].astype(jnp.float32)
       gram_a = conv.patch_gram(x_in, *_geometry(module), _FULL)
@@ -705,6 +712,11 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
            for k, g in rest_grads_B.items()}
   for path, (a, g) in a_g.items():
     name = ("params",) + path
+    if calls[by_path[path][0]].module.use_bias:
+      # Σ_b w_b Σ_p g_bp as a product, not a row sum of the reweighted g
+      # (`_sum_sq`).
+      grads[name + ("bias",)] = jnp.einsum("b,bpo->o", weight_B, g,
+                                           precision=_FULL)
     # Σ_b w_b a_bᵀ g_b, from the forward pass's a and the reweighted g.
     g = g * weight_B[:, None, None]
     if path in kernels_B:
@@ -715,8 +727,6 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
       kernel = _kernel_gradient(a.reshape(-1, a.shape[-1]),
                                 g.reshape(-1, g.shape[-1]))
     grads[name + ("kernel",)] = kernel.reshape(flat[name + ("kernel",)].shape)
-    if calls[by_path[path][0]].module.use_bias:
-      grads[name + ("bias",)] = g.sum((0, 1))
   for path, (x_in, g) in x_g.items():
     name = ("params",) + path
     module = calls[by_path[path][0]].module
