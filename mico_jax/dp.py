@@ -500,8 +500,8 @@ def _conv_kernel_gradient(module: nn.Conv, x: jax.Array, kernel: jax.Array,
 
 
 def _sum_sq(v_BxD: jax.Array) -> jax.Array:
-  """Σ_d v_bd² `[B]`, as a batched dot: XLA:CPU sends a row sum to a
-  library reduction that took longer in the MLP's DP step
+  """Σ_d v_bd² `[B]`, as a batched dot: XLA:CPU sends a row sum of squares
+  to a library reduction that took longer in the MLP's DP step
   (benchmarks/RESULTS.md)."""
   return jnp.einsum("bd,bd->b", v_BxD, v_BxD, precision=_FULL)
 
@@ -712,13 +712,10 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
            for k, g in rest_grads_B.items()}
   for path, (a, g) in a_g.items():
     name = ("params",) + path
-    if calls[by_path[path][0]].module.use_bias:
-      # Σ_b w_b Σ_p g_bp as a product, not a row sum of the reweighted g
-      # (`_sum_sq`).
-      grads[name + ("bias",)] = jnp.einsum("b,bpo->o", weight_B, g,
-                                           precision=_FULL)
     # Σ_b w_b a_bᵀ g_b, from the forward pass's a and the reweighted g.
     g = g * weight_B[:, None, None]
+    if calls[by_path[path][0]].module.use_bias:
+      grads[name + ("bias",)] = g.sum((0, 1))
     if path in kernels_B:
       kernel = jnp.tensordot(weight_B, kernels_B[path], 1, precision=_FULL)
     else:
