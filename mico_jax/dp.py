@@ -714,8 +714,6 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
     name = ("params",) + path
     # Σ_b w_b a_bᵀ g_b, from the forward pass's a and the reweighted g.
     g = g * weight_B[:, None, None]
-    if calls[by_path[path][0]].module.use_bias:
-      grads[name + ("bias",)] = g.sum((0, 1))
     if path in kernels_B:
       kernel = jnp.tensordot(weight_B, kernels_B[path], 1, precision=_FULL)
     else:
@@ -724,6 +722,8 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
       kernel = _kernel_gradient(a.reshape(-1, a.shape[-1]),
                                 g.reshape(-1, g.shape[-1]))
     grads[name + ("kernel",)] = kernel.reshape(flat[name + ("kernel",)].shape)
+    if calls[by_path[path][0]].module.use_bias:
+      grads[name + ("bias",)] = g.sum((0, 1))
   for path, (x_in, g) in x_g.items():
     name = ("params",) + path
     module = calls[by_path[path][0]].module
