@@ -269,23 +269,26 @@ class Trainer:
     """One step of a group of models (leaves lead with the group's models).
 
     `sharding`: the group's models split over devices (`_models_sharding`);
-    each device then steps its own models (`shard_map`), so that nothing in
-    the step crosses devices. Under a plain `vmap`, a loop whose length
-    depends on the model (DP-SGD's chunks) would run until every model of
-    the group is done, its condition an all-reduce over the devices at each
-    iteration; each device's models now leave it as soon as they are done.
+    each device then steps its own share (`shard_map`), so that nothing in
+    the step crosses devices. Under one `vmap` of the whole group, a loop
+    whose length depends on the model (DP-SGD's chunks) runs until every
+    model of the group is done, its condition an all-reduce over the devices
+    at each iteration. Each share is still vmapped, even a share of one: as
+    the partitioned `vmap` did, which XLA:CPU compiled faster than one
+    unvmapped model for the MLP (benchmarks/RESULTS.md).
     """
-    if sharding is not None:
-      local = jax.shard_map(
-          lambda models, step, x_N, y_N: self._step_group(models, step, x_N,
-                                                          y_N),
-          mesh=sharding.mesh, in_specs=(sharding.spec, PartitionSpec(),
-                                        PartitionSpec(), PartitionSpec()),
-          out_specs=sharding.spec, check_vma=False)
-      return local(models_G, step, x_N, y_N)
-    if models_G[-1].shape[0] > 1:
+    def vmapped(models, step, x_N, y_N):
       return jax.vmap(self._one_step, in_axes=(0, 0, 0, 0, 0, None, None, None)
-                      )(*models_G, step, x_N, y_N)
+                      )(*models, step, x_N, y_N)
+
+    if sharding is not None:
+      return jax.shard_map(
+          vmapped, mesh=sharding.mesh,
+          in_specs=(sharding.spec, PartitionSpec(), PartitionSpec(),
+                    PartitionSpec()),
+          out_specs=sharding.spec, check_vma=False)(models_G, step, x_N, y_N)
+    if models_G[-1].shape[0] > 1:
+      return vmapped(models_G, step, x_N, y_N)
     # One model: no vmap at all (a vmapped convolution is slow on CPU).
     one = self._one_step(*jax.tree.map(lambda v: v[0], models_G), step, x_N,
                          y_N)
