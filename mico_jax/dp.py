@@ -499,12 +499,19 @@ def _conv_kernel_gradient(module: nn.Conv, x: jax.Array, kernel: jax.Array,
   return jax.vjp(lambda k: _conv(module, x, k, _FULL), kernel)[1](g)[0]
 
 
+def _sum_sq(v_BxD: jax.Array) -> jax.Array:
+  """Σ_d v_bd² `[B]`, as a batched dot: XLA:CPU sends a row sum of squares
+  to a library reduction that took longer in the MLP's DP step
+  (benchmarks/RESULTS.md)."""
+  return jnp.einsum("bd,bd->b", v_BxD, v_BxD, precision=_FULL)
+
+
 def _kernel_norm_sq(a_BxPxD: jax.Array, g_BxPxO: jax.Array) -> jax.Array:
   """Squared norms of the per-example kernel gradients a_bᵀ g_b, cheaply."""
   _, p, d = a_BxPxD.shape
   o = g_BxPxO.shape[-1]
   if p == 1:
-    return (jnp.sum(a_BxPxD ** 2, (1, 2)) * jnp.sum(g_BxPxO ** 2, (1, 2)))
+    return _sum_sq(a_BxPxD[:, 0]) * _sum_sq(g_BxPxO[:, 0])
   if p * (d + o) <= d * o:
     gram_a = jnp.einsum("bpd,bqd->bpq", a_BxPxD, a_BxPxD, precision=_FULL)
     gram_g = jnp.einsum("bpo,bqo->bpq", g_BxPxO, g_BxPxO, precision=_FULL)
@@ -664,7 +671,7 @@ def clipped_grad_sum(apply_fn: Callable, params: PyTree, x: jax.Array,
         [g_outputs[i].reshape(batch, -1, g_outputs[i].shape[-1])
          for i in idx], 1).astype(jnp.float32)
     if module.use_bias:
-      norm_sq_B += jnp.sum(g.sum(1) ** 2, 1)
+      norm_sq_B += _sum_sq(g.sum(1))
     if _by_input_gram(module, len(idx), inputs[idx[0]], g):
       x_in = inputs[idx[0]].astype(jnp.float32)
       gram_a = conv.patch_gram(x_in, *_geometry(module), _FULL)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mico_jax.dp import DPConfig
 from mico_jax.models import cross_entropy
@@ -263,11 +264,31 @@ class Trainer:
                if jax.default_backend() == "cpu" else num_models)
     return group if num_models % group == 0 else num_models
 
-  def _step_group(self, models_G, step, x_N, y_N):
-    """One step of a group of models (leaves lead with the group's models)."""
-    if models_G[-1].shape[0] > 1:
+  def _step_group(self, models_G, step, x_N, y_N,
+                  sharding: NamedSharding | None = None):
+    """One step of a group of models (leaves lead with the group's models).
+
+    `sharding`: the group's models split over devices (`_models_sharding`);
+    each device then steps its own share (`shard_map`), so that nothing in
+    the step crosses devices. Under one `vmap` of the whole group, a loop
+    whose length depends on the model (DP-SGD's chunks) runs until every
+    model of the group is done, its condition an all-reduce over the devices
+    at each iteration. Each share is still vmapped, even a share of one: as
+    the partitioned `vmap` did, which XLA:CPU compiled faster than one
+    unvmapped model for the MLP (benchmarks/RESULTS.md).
+    """
+    def vmapped(models, step, x_N, y_N):
       return jax.vmap(self._one_step, in_axes=(0, 0, 0, 0, 0, None, None, None)
-                      )(*models_G, step, x_N, y_N)
+                      )(*models, step, x_N, y_N)
+
+    if sharding is not None:
+      return jax.shard_map(
+          vmapped, mesh=sharding.mesh,
+          in_specs=(sharding.spec, PartitionSpec(), PartitionSpec(),
+                    PartitionSpec()),
+          out_specs=sharding.spec, check_vma=False)(models_G, step, x_N, y_N)
+    if models_G[-1].shape[0] > 1:
+      return vmapped(models_G, step, x_N, y_N)
     # One model: no vmap at all (a vmapped convolution is slow on CPU).
     one = self._one_step(*jax.tree.map(lambda v: v[0], models_G), step, x_N,
                          y_N)
@@ -276,10 +297,11 @@ class Trainer:
   def run(self, state: TrainState, train_KxT: jax.Array, x_N: jax.Array,
           y_N: jax.Array, num_steps: int) -> tuple[TrainState, jax.Array]:
     """Advances all K models by `num_steps`; returns (state, mean loss [K])."""
-    if not self.unroll:
-      return self._run_compiled(state, train_KxT, x_N, y_N, num_steps)
     num_models = train_KxT.shape[0]
     group = self._group_size(num_models)
+    if not self.unroll:
+      return self._run_compiled(state, train_KxT, x_N, y_N, num_steps,
+                                _models_sharding(train_KxT, group))
     models = (state.params, state.opt_state, state.sampler_state, state.key_K,
               train_KxT)
     # All K in one group: no split or merge, which would copy the state
@@ -289,10 +311,11 @@ class Trainer:
     groups, loss_sums = [], []
     for params, opt_state, sampler_state, key_G, train_GxT in split:
       loss_sum_G = jnp.zeros(group, jnp.float32)
+      sharding = _models_sharding(train_GxT, group)
       for offset in range(num_steps):
         params, opt_state, sampler_state, loss_sum_G = self._jitted_step(
             (params, opt_state, sampler_state, key_G, train_GxT), loss_sum_G,
-            state.step, offset, x_N, y_N)
+            state.step, offset, x_N, y_N, sharding)
       groups.append((params, opt_state, sampler_state))
       loss_sums.append(loss_sum_G)
     if one_group:
@@ -303,18 +326,22 @@ class Trainer:
     return (TrainState(params, opt_state, sampler_state, state.key_K,
                        state.step + num_steps), loss_K / num_steps)
 
-  @jax.jit(static_argnames=("self",))
-  def _jitted_step(self, models_G, loss_sum_G, step0, offset, x_N, y_N):
+  @jax.jit(static_argnames=("self", "sharding"))
+  def _jitted_step(self, models_G, loss_sum_G, step0, offset, x_N, y_N,
+                   sharding=None):
     """One step of a group; the group's losses added to `loss_sum_G` (so
     a run holds one running sum, not every step's losses)."""
-    *state_G, loss_G = self._step_group(models_G, step0 + offset, x_N, y_N)
+    *state_G, loss_G = self._step_group(models_G, step0 + offset, x_N, y_N,
+                                        sharding)
     return (*state_G, loss_sum_G + loss_G)
 
-  @jax.jit(static_argnames=("self", "num_steps"))
+  @jax.jit(static_argnames=("self", "num_steps", "sharding"))
   def _run_compiled(self, state: TrainState, train_KxT: jax.Array,
-                    x_N: jax.Array, y_N: jax.Array, num_steps: int
+                    x_N: jax.Array, y_N: jax.Array, num_steps: int,
+                    sharding: NamedSharding | None = None
                     ) -> tuple[TrainState, jax.Array]:
-    """`run` as one program: `scan` over steps, `lax.map` over groups."""
+    """`run` as one program: `scan` over steps, `lax.map` over groups
+    (`sharding`: of each group's models, see `_step_group`)."""
     num_models = train_KxT.shape[0]
     group = self._group_size(num_models)
 
@@ -326,7 +353,7 @@ class Trainer:
         params, opt_state, sampler_state, step = carry
         params, opt_state, sampler_state, loss_G = self._step_group(
             (params, opt_state, sampler_state, key_G, train_GxT), step, x_N,
-            y_N)
+            y_N, sharding)
         return (params, opt_state, sampler_state, step + 1), loss_G
 
       (params, opt_state, sampler_state, _), loss_SxG = jax.lax.scan(
@@ -345,6 +372,24 @@ class Trainer:
                   lambda v: _split_groups(v, group), models)))
     return (TrainState(params, opt_state, sampler_state, state.key_K,
                        state.step + num_steps), loss_K)
+
+
+def _models_sharding(models: jax.Array, group: int
+                     ) -> NamedSharding | None:
+  """How a stack of models is split over its leading axis, where D > 1
+  devices hold it in blocks and D divides the group size G (then every
+  group of `_split_groups` holds G/D models of each device, in device
+  order, and is split the same way); else None."""
+  sharding = getattr(models, "sharding", None)
+  if not isinstance(sharding, NamedSharding) or not sharding.spec:
+    return None
+  axis = sharding.spec[0]
+  if not isinstance(axis, str) or any(sharding.spec[1:]):
+    return None
+  devices = sharding.mesh.shape[axis]
+  if devices == 1 or group % devices:
+    return None
+  return NamedSharding(sharding.mesh, PartitionSpec(axis))
 
 
 def _split_groups(v: jax.Array, group: int) -> jax.Array:

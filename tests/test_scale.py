@@ -176,8 +176,8 @@ _SHARDING_SCRIPT = textwrap.dedent("""
     import dataclasses
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from mico_jax import challenge, data, models, parallel, pipeline, stats
-    from mico_jax import train
+    from mico_jax import challenge, data, dp, models, parallel, pipeline
+    from mico_jax import stats, train
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 6)).astype(np.float32)
     dataset = data.Dataset("toy", x, x[:, :3].argmax(1).astype(np.int32), 3,
@@ -201,11 +201,16 @@ _SHARDING_SCRIPT = textwrap.dedent("""
       assert leaf.sharding.spec == want, (path, leaf.sharding)
       if leaf.ndim:
         assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}
-    # Models never talk to one another: no collectives in the step.
-    hlo = train.Trainer._run_compiled.lower(trainer, state, *args,
-                                            3).compile().as_text()
-    assert not any(op in hlo for op in ("all-gather", "all-reduce",
-                                        "all-to-all", "collective-permute"))
+    # Models never talk to one another: no collectives in the step, nor in
+    # DP-SGD's (its chunk loop runs on each device for its own models).
+    dp_trainer = pipeline.make_trainer(model, train.TrainConfig(
+        batch_size=16, dp=dp.DPConfig(10.0, 1e-5, 1.0)), 64)
+    for t in (trainer, dp_trainer):
+      hlo = train.Trainer._run_compiled.lower(
+          t, pipeline.init_state(t, key_K, jnp.asarray(x[0]), mesh), *args, 3,
+          train._models_sharding(args[0], 8)).compile().as_text()
+      assert not any(op in hlo for op in ("all-gather", "all-reduce",
+                                          "all-to-all", "collective-permute"))
     # Stepped from Python (`unroll`), groups of one model per device: the
     # same models, still sharded.
     stepped = train.train(dataclasses.replace(trainer, unroll=True),
