@@ -155,10 +155,13 @@ def test_query_shift_larger_than_the_images(tmp_path):
 
 def test_two_runs_at_once_and_ctrl_c(tmp_path):
   workdir = tmp_path / "w"
+  # A runner started in the background ignores SIGINT, and so would the
+  # child unless it starts with the default disposition.
   first = subprocess.Popen(
       _command(workdir, "--num_models=5", "--epochs=100000",
                "--attacks=loss", "--submit_attack=loss"),
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     for line in first.stdout:  # training has started: the lock is held
       if line.startswith("epoch 1/"):
