@@ -155,13 +155,17 @@ def test_query_shift_larger_than_the_images(tmp_path):
 
 def test_two_runs_at_once_and_ctrl_c(tmp_path):
   workdir = tmp_path / "w"
-  # A runner started in the background ignores SIGINT, and so would the
-  # child unless it starts with the default disposition.
-  first = subprocess.Popen(
-      _command(workdir, "--num_models=5", "--epochs=100000",
-               "--attacks=loss", "--submit_attack=loss"),
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # A suite started in the background ignores SIGINT, and an ignored signal
+  # stays ignored across exec: the child gets Python's own handler only if
+  # this process handles SIGINT when it starts the child.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    first = subprocess.Popen(
+        _command(workdir, "--num_models=5", "--epochs=100000",
+                 "--attacks=loss", "--submit_attack=loss"),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
   try:
     for line in first.stdout:  # training has started: the lock is held
       if line.startswith("epoch 1/"):
